@@ -1,0 +1,69 @@
+"""Reflectance and quality bands -> uint8 RGB for display."""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_RESCALE = (0.0, 3000.0)  # DN: 0..0.3 reflectance fills the display range
+DEFAULT_GAMMA = 1.4
+
+# Clear-observation count colour ramp (viridis stops): few looks dark purple, many yellow.
+_VIRIDIS = np.array(
+    [
+        [68, 1, 84],
+        [72, 40, 120],
+        [62, 74, 137],
+        [49, 104, 142],
+        [38, 130, 142],
+        [31, 158, 137],
+        [53, 183, 121],
+        [109, 205, 89],
+        [180, 222, 44],
+        [253, 231, 37],
+    ],
+    dtype=np.float32,
+)
+COUNT_ZERO_COLOR = (200, 30, 30)  # no clear look at all: red, so gaps stand out
+
+
+def to_rgb8(
+    values: np.ndarray,
+    rescale: tuple[float, float] = DEFAULT_RESCALE,
+    gamma: float = DEFAULT_GAMMA,
+) -> np.ndarray:
+    """(3, H, W) DN (NaN allowed) -> uint8 (3, H, W); NaN -> 0 (the caller masks it)."""
+    lo, hi = rescale
+    x = (np.nan_to_num(values, nan=lo) - lo) / max(hi - lo, 1e-6)
+    np.clip(x, 0.0, 1.0, out=x)
+    if gamma != 1.0:
+        np.power(x, 1.0 / gamma, out=x)
+    return (x * 255.0 + 0.5).astype(np.uint8)
+
+
+def colorize_count(count: np.ndarray, vmax: float) -> np.ndarray:
+    """Clear-observation count (H, W) -> uint8 (3, H, W) on a viridis ramp, 0 in red."""
+    t = np.clip(count.astype(np.float32) / max(vmax, 1.0), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    i = np.minimum(t.astype(np.int32), len(_VIRIDIS) - 2)
+    f = (t - i)[..., None]
+    rgb = _VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f
+    rgb[count == 0] = COUNT_ZERO_COLOR
+    return np.moveaxis(rgb + 0.5, -1, 0).astype(np.uint8)
+
+
+def colorize_probability(prob: np.ndarray) -> np.ndarray:
+    """Probability 0..1 (H, W) -> uint8 (3, H, W): clear black through cyan to white cloud."""
+    p = np.clip(np.nan_to_num(prob, nan=0.0), 0.0, 1.0)
+    r = (p**2 * 255).astype(np.uint8)
+    g = (p * 255).astype(np.uint8)
+    b = (np.sqrt(p) * 255).astype(np.uint8)
+    return np.stack([r, g, b])
+
+
+def count_legend(vmax: int, steps: int = 6) -> list[dict]:
+    """Legend entries (value, hex colour) for the count layer, for the viewer."""
+    vals = sorted({0, *np.linspace(1, max(vmax, 1), steps).round().astype(int).tolist()})
+    rgb = colorize_count(np.asarray(vals, dtype=np.float32)[None, :], vmax)[:, 0, :].T
+    return [
+        {"value": int(v), "color": "#{:02x}{:02x}{:02x}".format(*c)}
+        for v, c in zip(vals, rgb, strict=True)
+    ]

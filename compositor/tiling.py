@@ -1,0 +1,205 @@
+"""Render any target grid (a web-map tile, a COG block) from a Stack.
+
+Data flow: target bounds -> the Stack level whose pixels match the target resolution -> a window
+(with a halo for dilation and resampling) -> composite in the cell's native UTM grid -> warp the
+three display bands to the target grid -> render. Compositing happens before warping so that
+100 scenes are never reprojected, only the 3-band result.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.warp import Resampling, reproject, transform_bounds
+
+from compositor.composite import (
+    MASK_METHODS,
+    CompositeResult,
+    composite,
+    prob_masks,
+    scl_masks,
+)
+from compositor.render import (
+    DEFAULT_GAMMA,
+    DEFAULT_RESCALE,
+    colorize_count,
+    colorize_probability,
+    to_rgb8,
+)
+from compositor.stack import CLOUDPROB_SCALE, CLOUDPROB_UNSET, Stack
+
+LAYERS = ("composite", "count", "date", "cloud")
+RGB_BANDS = ("B04", "B03", "B02")
+HALO = 2  # extra native pixels around a window so bilinear warping has neighbours at edges
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """Everything that changes a rendered pixel (so also the tile cache key)."""
+
+    layer: str = "composite"
+    percentile: float = 25.0
+    start: dt.date | None = None
+    end: dt.date | None = None
+    months: tuple[int, ...] | None = None
+    mask: str = "scl"
+    cloud_threshold: float = 0.4
+    dilate: int = 3  # in 10 m pixels; converted per level so the look does not change with zoom
+    min_clear: int = 1
+    rescale: tuple[float, float] = DEFAULT_RESCALE
+    gamma: float = DEFAULT_GAMMA
+    date: dt.date | None = None  # the 'date' and 'cloud' layers show one scene
+
+    def __post_init__(self) -> None:
+        if self.layer not in LAYERS:
+            raise ValueError(f"layer must be one of {', '.join(LAYERS)}, not {self.layer!r}")
+        if self.mask not in MASK_METHODS:
+            raise ValueError(f"mask must be one of {', '.join(MASK_METHODS)}, not {self.mask!r}")
+        if not 0 <= self.percentile <= 100:
+            raise ValueError(f"percentile must be within 0..100, not {self.percentile}")
+        if self.layer in ("date", "cloud") and self.date is None:
+            raise ValueError(f"layer={self.layer} needs date=YYYY-MM-DD")
+
+
+@dataclass
+class Rendered:
+    rgb: np.ndarray  # uint8 (3, H, W)
+    valid: np.ndarray  # bool (H, W): False = transparent
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class NoData(LookupError):
+    """The target does not touch the stack, or no scene matches the filters."""
+
+
+def scene_for_date(stack: Stack, date: dt.date) -> int:
+    for i in stack.complete_indices():
+        if stack.scenes[i].date == date:
+            return int(i)
+    raise NoData(f"cell {stack.cell_id} has no scene on {date.isoformat()}")
+
+
+def render_area(
+    stack: Stack,
+    dst_crs: CRS,
+    dst_bounds: tuple[float, float, float, float],
+    width: int,
+    height: int,
+    params: ViewParams,
+) -> Rendered:
+    """Render ``params.layer`` of ``stack`` onto a (height, width) grid over ``dst_bounds``."""
+    src_crs = CRS.from_epsg(stack.epsg)
+    nb = transform_bounds(dst_crs, src_crs, *dst_bounds, densify_pts=21)
+    res = min((nb[2] - nb[0]) / width, (nb[3] - nb[1]) / height)
+    level = stack.level_for_resolution(res)
+    inv = ~level.transform
+    c0, r0 = inv * (nb[0], nb[3])
+    c1, r1 = inv * (nb[2], nb[1])
+    dil = math.ceil(params.dilate / level.factor) if params.dilate > 0 else 0
+    halo = HALO + dil
+    col, row = math.floor(c0) - halo, math.floor(r0) - halo
+    w, h = math.ceil(c1) + halo - col, math.ceil(r1) + halo - row
+    if col + w <= 0 or row + h <= 0 or col >= level.width or row >= level.height:
+        raise NoData("the area does not intersect the stack")
+    window = (row, col, h, w)
+    win_transform = level.transform @ Affine.translation(col, row)
+
+    if params.layer in ("date", "cloud"):
+        idx = np.asarray([scene_for_date(stack, params.date)])
+    else:
+        idx = stack.complete_indices(params.start, params.end, params.months)
+        if len(idx) == 0:
+            raise NoData(f"cell {stack.cell_id} has no scene matching the date filters")
+
+    band_idx = [stack.bands.index(b) for b in RGB_BANDS]
+    if params.layer == "cloud":
+        cp = stack.read(level.index, window, idx, ("cloudprob",))["cloudprob"][0]
+        p = cp.max(axis=0).astype(np.float32)
+        p[cp[0] == CLOUDPROB_UNSET] = np.nan
+        native = (p / CLOUDPROB_SCALE)[None]
+    elif params.layer == "date":
+        refl = stack.read(level.index, window, idx, ("reflectance",))["reflectance"][0]
+        native = refl[band_idx].astype(np.float32)
+        native[:, refl[0] == stack.nodata] = np.nan
+    else:
+        res_c = composite_window(stack, level.index, window, params, idx, RGB_BANDS)
+        if params.layer == "count":
+            native = res_c.count.astype(np.float32)[None]
+            native[:, np.isnan(res_c.values[0])] = np.nan
+        else:
+            native = res_c.values
+
+    dst_transform = Affine(
+        (dst_bounds[2] - dst_bounds[0]) / width,
+        0,
+        dst_bounds[0],
+        0,
+        -(dst_bounds[3] - dst_bounds[1]) / height,
+        dst_bounds[3],
+    )
+    out = np.full((native.shape[0], height, width), np.nan, np.float32)
+    resampling = Resampling.nearest if params.layer == "count" else Resampling.bilinear
+    reproject(
+        np.ascontiguousarray(native, dtype=np.float32),
+        out,
+        src_transform=win_transform,
+        src_crs=src_crs,
+        src_nodata=np.nan,
+        dst_transform=dst_transform,
+        dst_crs=dst_crs,
+        dst_nodata=np.nan,
+        resampling=resampling,
+    )
+    valid = ~np.isnan(out[0])
+    if params.layer == "count":
+        rgb = colorize_count(np.nan_to_num(out[0]).astype(np.uint16), vmax=max(len(idx), 1))
+    elif params.layer == "cloud":
+        rgb = colorize_probability(out[0])
+    else:
+        rgb = to_rgb8(out, params.rescale, params.gamma)
+    return Rendered(rgb=rgb, valid=valid)
+
+
+def composite_window(
+    stack: Stack,
+    level: int,
+    window: tuple[int, int, int, int],
+    params: ViewParams,
+    indices: np.ndarray | None = None,
+    bands: tuple[str, ...] | None = None,
+) -> CompositeResult:
+    """Composite of a window (row, col, height, width) at ``level`` in the stack's own grid."""
+    if indices is None:
+        indices = stack.complete_indices(params.start, params.end, params.months)
+    band_idx = [stack.bands.index(b) for b in (bands or stack.bands)]
+    what = ("reflectance", "scl") + (("cloudprob",) if params.mask == "segformer" else ())
+    data = stack.read(level, window, indices, what)
+    refl = data["reflectance"]
+    if band_idx != list(range(refl.shape[1])):
+        refl = refl[:, band_idx]
+    factor = stack.levels[level].factor
+    dil = math.ceil(params.dilate / factor) if params.dilate > 0 else 0
+    exclude, loose = _exclusion(data, params, dil)
+    return composite(refl, exclude, params.percentile, params.min_clear, loose, stack.nodata)
+
+
+def _exclusion(
+    data: dict[str, np.ndarray], params: ViewParams, dil: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(strict exclusion mask, looser fallback mask) for the chosen mask method."""
+    scl = data["scl"]
+    if params.mask == "none":
+        return np.zeros(scl.shape, bool), None
+    bad_scl, nodata = scl_masks(scl, dil)
+    if params.mask == "scl":
+        return bad_scl | nodata, scl_masks(scl, 0)[0] | nodata
+    cp = data["cloudprob"]
+    have = cp[:, 0] != CLOUDPROB_UNSET  # scenes/pixels the model has not seen fall back to SCL
+    bad = np.where(have, prob_masks(cp, params.cloud_threshold, dil), bad_scl)
+    loose = np.where(have, prob_masks(cp, params.cloud_threshold, 0), scl_masks(scl, 0)[0])
+    return bad | nodata, loose | nodata

@@ -1,0 +1,97 @@
+"""Shared fixtures: small demo stacks built once per session, and a real server process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CLEARSKY_SHARED_DATA", ROOT.parent / "shared" / "data"))
+ROMANIA_NC = SHARED_DATA / "nrt-romania" / "sentinel2_cube_subset_romania_10m.nc"
+
+# Small enough to build in seconds, big enough to span several tiles and levels.
+TEST_SYNTH_SIZE = 384
+TEST_SYNTH_DATES = 24
+
+
+def needs_shared(path: Path) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(
+        not path.exists(),
+        reason=f"real sample data {path} is absent (../shared/data exists on CI, not on a "
+        "user machine)",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory with the synthetic cell (small) and, where ../shared has it, the real
+    Romania cell — built by the project's own demo code."""
+    from compositor.demo import build_real, build_synthetic
+
+    d = tmp_path_factory.mktemp("demo")
+    build_synthetic(d, seed=7, size=TEST_SYNTH_SIZE, n_dates=TEST_SYNTH_DATES)
+    if ROMANIA_NC.exists():
+        os.environ["CLEARSKY_ROMANIA_NC"] = str(ROMANIA_NC)
+        build_real(d, d / ".cache")
+    return d
+
+
+@pytest.fixture(scope="session")
+def server(demo_dir: Path) -> Iterator[str]:
+    """`clearsky serve` as a real process on 127.0.0.1; yields its base URL."""
+    port = free_port()
+    env = {**os.environ, "CLEARSKY_DATA_DIR": str(demo_dir)}
+    log = open(demo_dir / f"server-{port}.log", "w")  # a file, not a pipe nobody drains
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "compositor.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data",
+            str(demo_dir),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {(demo_dir / log.name).read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not start within 60 s")
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

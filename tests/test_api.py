@@ -1,0 +1,118 @@
+"""The tile server over HTTP, as a real process (see conftest.server)."""
+
+import io
+
+import httpx
+import morecantile
+import numpy as np
+import pytest
+from PIL import Image
+
+TMS = morecantile.tms.get("WebMercatorQuad")
+
+
+@pytest.fixture(scope="module")
+def cells(server):
+    r = httpx.get(f"{server}/cells")
+    assert r.status_code == 200
+    return {c["id"]: c for c in r.json()}
+
+
+def _center_tile(cell, z):
+    lon, lat = cell["center"]
+    return TMS.tile(lon, lat, z)
+
+
+def _png(resp) -> np.ndarray:
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(resp.content)))
+
+
+def test_cells_lists_the_demo(cells):
+    syn = cells["49NDB"]
+    assert syn["scene_count"] == 24
+    assert syn["start"] < syn["end"]
+    w, s, e, n = syn["bounds"]
+    assert 109 < w < e < 111 and 0 < s < n < 2  # Borneo
+
+
+def test_composite_tile_is_a_png_with_content(server, cells):
+    t = _center_tile(cells["49NDB"], 14)
+    img = _png(httpx.get(f"{server}/cells/49NDB/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.png"))
+    assert img.shape == (256, 256, 4)
+    assert img[..., 3].max() == 255  # some opaque pixels
+    assert img[..., :3].std() > 5  # not a flat colour
+
+
+def test_layers_differ(server, cells):
+    t = _center_tile(cells["49NDB"], 13)
+    base = f"{server}/cells/49NDB/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.png"
+    comp = _png(httpx.get(base))
+    count = _png(httpx.get(base, params={"layer": "count"}))
+    date = cells["49NDB"]["dates"][3]
+    one = _png(httpx.get(base, params={"layer": "date", "date": date}))
+    assert not np.array_equal(comp, count) and not np.array_equal(comp, one)
+    p75 = _png(httpx.get(base, params={"percentile": 75}))
+    assert p75[..., :3].astype(int).mean() > comp[..., :3].astype(int).mean()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/cells/49NDB/tiles/WebMercatorQuad/14/0/0.png",  # far outside the cell
+        "/cells/54SUE/tiles/WebMercatorQuad/14/0/0.png",  # valid id, not served here
+        "/cells/nonsense/tiles/WebMercatorQuad/14/0/0.png",
+    ],
+)
+def test_outside_or_unknown_is_404(server, path):
+    r = httpx.get(server + path)
+    assert r.status_code == 404
+    assert "detail" in r.json()
+
+
+@pytest.mark.parametrize(
+    "params, name",
+    [
+        ({"percentile": 101}, "percentile"),
+        ({"months": "1,13"}, "months"),
+        ({"mask": "magic"}, "mask"),
+        ({"layer": "date"}, "date"),
+        ({"start": "2022-13-01"}, "start"),
+        ({"start": "2022-05-01", "end": "2022-01-01"}, "start"),
+        ({"rescale": "5,1"}, "rescale"),
+    ],
+)
+def test_bad_parameter_is_422_naming_it(server, cells, params, name):
+    t = _center_tile(cells["49NDB"], 14)
+    r = httpx.get(
+        f"{server}/cells/49NDB/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.png", params=params
+    )
+    assert r.status_code == 422
+    assert name in r.text
+
+
+def test_no_path_or_url_reaches_a_reader(server):
+    # titiler's url= parameter is not exposed, and path tricks cannot name a file.
+    r = httpx.get(
+        f"{server}/cells/49NDB/tiles/WebMercatorQuad/14/0/0.png", params={"url": "/etc/passwd"}
+    )
+    assert r.status_code == 404
+    for evil in ("..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "49NDB.zarr"):
+        r = httpx.get(f"{server}/cells/{evil}/WebMercatorQuad/tilejson.json")
+        assert r.status_code == 404
+    spec = httpx.get(f"{server}/openapi.json").json()
+    for path, ops in spec["paths"].items():
+        for op in ops.values():
+            assert "url" not in [p["name"] for p in op.get("parameters", [])], path
+
+
+def test_tilejson(server, cells):
+    r = httpx.get(f"{server}/cells/49NDB/WebMercatorQuad/tilejson.json", params={"percentile": 40})
+    assert r.status_code == 200
+    tj = r.json()
+    assert tj["tiles"][0].startswith(
+        f"{server}/cells/49NDB/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}"
+    )
+    assert "percentile=40" in tj["tiles"][0]
+    assert tj["minzoom"] <= 12 <= tj["maxzoom"]

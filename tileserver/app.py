@@ -1,0 +1,134 @@
+"""The ClearSky tile server: a titiler factory over the Stack reader, plus cells and the viewer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path as FsPath
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException, Path, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from titiler.core.dependencies import DefaultDependency
+from titiler.core.errors import DEFAULT_STATUS_CODES, add_exception_handlers
+from titiler.core.factory import TilerFactory
+
+from compositor.grid import transform_bounds_to_lonlat
+from compositor.stack import Stack
+from tileserver.params import ViewQuery
+from tileserver.reader import StackReader
+from tileserver.registry import Registry, UnknownCell
+from tileserver.settings import Settings, get_settings
+
+log = logging.getLogger("clearsky.tileserver")
+ATTRIBUTION = "Contains modified Copernicus Sentinel data"
+
+
+def cell_stack(
+    request: Request,
+    cell: Annotated[str, Path(description="Sentinel-2 MGRS cell id, e.g. 34TER")],
+) -> Stack:
+    """The path dependency: a cell id resolves to a known stack or 404s. No path, no URL."""
+    try:
+        return request.app.state.registry.get(cell)
+    except UnknownCell as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from None
+
+
+@dataclass
+class NoParams(DefaultDependency):
+    """Replaces titiler's band/expression/nodata options, which do not apply to composites."""
+
+
+class StackTilerFactory(TilerFactory):
+    """titiler's TilerFactory with only the routes that make sense for a composited stack."""
+
+    def register_routes(self) -> None:
+        self.info()
+        self.tile()
+        self.tilejson()
+
+
+def cell_summary(stack: Stack) -> dict:
+    idx = stack.complete_indices()
+    dates = [stack.scenes[i].date.isoformat() for i in idx]
+    w, s, e, n = transform_bounds_to_lonlat(stack.epsg, stack.bounds)
+    return {
+        "id": stack.cell_id,
+        "title": stack.meta.get("title", stack.cell_id),
+        "kind": stack.meta.get("kind"),
+        "bounds": [w, s, e, n],
+        "center": [(w + e) / 2, (s + n) / 2],
+        "crs": f"EPSG:{stack.epsg}",
+        "resolution": stack.resolution,
+        "width": stack.width,
+        "height": stack.height,
+        "scene_count": len(idx),
+        "start": dates[0] if dates else None,
+        "end": dates[-1] if dates else None,
+        "dates": dates,
+        "has_dem": stack.has_dem,
+    }
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="ClearSky",
+        description="Cloud-free Sentinel-2 tiles composited on demand. " + ATTRIBUTION + ".",
+        version="0.1.0",
+    )
+    app.state.settings = settings
+    app.state.registry = Registry(settings.data_dir)
+    log.info(
+        "serving %d cells from %s: %s",
+        len(app.state.registry.ids()),
+        settings.data_dir,
+        ", ".join(app.state.registry.ids()),
+    )
+
+    factory = StackTilerFactory(
+        reader=StackReader,
+        path_dependency=cell_stack,
+        reader_dependency=ViewQuery,
+        layer_dependency=NoParams,
+        dataset_dependency=NoParams,
+        tile_dependency=NoParams,
+        process_dependency=lambda: None,
+        colormap_dependency=lambda: None,
+        router_prefix="/cells/{cell}",
+        add_viewer=False,
+        add_preview=False,
+        add_part=False,
+    )
+    app.include_router(factory.router, prefix="/cells/{cell}", tags=["cells"])
+    add_exception_handlers(app, DEFAULT_STATUS_CODES)
+
+    @app.get("/cells", tags=["cells"])
+    def list_cells(request: Request) -> JSONResponse:
+        reg: Registry = request.app.state.registry
+        return JSONResponse([cell_summary(s) for s in reg.stacks()])
+
+    @app.get("/health", tags=["ops"])
+    def health(request: Request) -> dict:
+        return {"status": "ok", "cells": request.app.state.registry.ids()}
+
+    static_dir = FsPath(settings.static_dir)
+    if static_dir.is_dir():
+        app.mount("/static", StaticFiles(directory=static_dir), name="static")
+
+        @app.get("/", include_in_schema=False)
+        def viewer() -> FileResponse:
+            return FileResponse(static_dir / "index.html")
+
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_methods=["GET"],
+        allow_headers=["*"],
+        expose_headers=["ETag"],
+    )
+    return app
