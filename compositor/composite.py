@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from compositor.percentile import masked_percentile
 from compositor.stack import CLOUDPROB_SCALE, CLOUDPROB_UNSET
@@ -25,20 +24,36 @@ class CompositeResult:
 
 
 def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
-    """Grow a (T, H, W) mask by ``pixels`` in each scene (square structuring element: separable,
-    so it costs two passes whatever the radius)."""
+    """Grow a (T, H, W) mask by ``pixels`` in each scene with a square structuring element.
+
+    Separable: OR of shifted views along x, then along y — 4 x ``pixels`` byte-wise ORs over
+    the array, several times faster than scipy's generic maximum_filter on tile-sized stacks.
+    """
     if pixels <= 0:
         return mask
-    size = (1, 2 * pixels + 1, 2 * pixels + 1)
-    return ndimage.maximum_filter(mask.view(np.uint8), size=size, mode="nearest").view(bool)
+    out = mask.copy()
+    for axis in (-1, -2):
+        src = out.copy()
+        n = src.shape[axis]
+        for k in range(1, min(pixels, n - 1) + 1):
+            lo = [slice(None)] * src.ndim
+            hi = [slice(None)] * src.ndim
+            lo[axis], hi[axis] = slice(k, None), slice(None, n - k)
+            out[tuple(lo)] |= src[tuple(hi)]
+            out[tuple(hi)] |= src[tuple(lo)]
+    return out
+
+
+_BAD_LUT = np.zeros(256, bool)
+_BAD_LUT[list(SCL_CLOUD + SCL_SHADOW)] = True
+_NODATA_LUT = np.zeros(256, bool)
+_NODATA_LUT[list(SCL_NODATA)] = True
 
 
 def scl_masks(scl: np.ndarray, dilate_px: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(cloud_or_shadow, nodata) masks from SCL. Only cloud/shadow is dilated: nodata edges are
     exact, clouds have soft edges that SCL draws too tight."""
-    bad = np.isin(scl, SCL_CLOUD + SCL_SHADOW)
-    nodata = np.isin(scl, SCL_NODATA)
-    return dilate(bad, dilate_px), nodata
+    return dilate(_BAD_LUT[scl], dilate_px), _NODATA_LUT[scl]
 
 
 def prob_masks(cloudprob: np.ndarray, threshold: float, dilate_px: int = 0) -> np.ndarray:
@@ -75,7 +90,8 @@ def composite(
     excl = exclude | nodata_mask
     count = (~excl).sum(axis=0).astype(np.uint16)
     values = masked_percentile(reflectance, excl, q)
-    need = count < min_clear
+    has_data = ~nodata_mask.all(axis=0)
+    need = (count < min_clear) & has_data
     fallback = need.copy()
     for loose in ([fallback_exclude] if fallback_exclude is not None else []) + [None]:
         if not need.any():

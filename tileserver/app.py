@@ -17,6 +17,7 @@ from titiler.core.factory import TilerFactory
 
 from compositor.grid import transform_bounds_to_lonlat
 from compositor.stack import Stack
+from tileserver.cache import TileCacheMiddleware
 from tileserver.params import ViewQuery
 from tileserver.reader import StackReader
 from tileserver.registry import Registry, UnknownCell
@@ -123,6 +124,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def viewer() -> FileResponse:
             return FileResponse(static_dir / "index.html")
 
+    @app.get("/metrics", tags=["ops"])
+    def metrics(request: Request) -> dict:
+        cache = getattr(request.app.state, "tile_cache", None)
+        return cache.stats.as_dict(cache.cache) if cache else {}
+
+    app.add_middleware(
+        TileCacheMiddleware, max_bytes=settings.tile_cache_mb * 2**20, state=app.state
+    )
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     app.add_middleware(
         CORSMiddleware,
