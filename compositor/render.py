@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from compositor.hillshade import blend
+
 DEFAULT_RESCALE = (0.0, 3000.0)  # DN: 0..0.3 reflectance fills the display range
 DEFAULT_GAMMA = 1.4
 
@@ -30,13 +32,18 @@ def to_rgb8(
     values: np.ndarray,
     rescale: tuple[float, float] = DEFAULT_RESCALE,
     gamma: float = DEFAULT_GAMMA,
+    shade: np.ndarray | None = None,
+    shade_strength: float = 0.0,
 ) -> np.ndarray:
-    """(3, H, W) DN (NaN allowed) -> uint8 (3, H, W); NaN -> 0 (the caller masks it)."""
+    """(3, H, W) DN (NaN allowed) -> uint8 (3, H, W); NaN -> 0 (the caller masks it).
+    With ``shade`` (H, W hillshade 0..1), relief is blended in after the display stretch."""
     lo, hi = rescale
     x = (np.nan_to_num(values, nan=lo) - lo) / max(hi - lo, 1e-6)
     np.clip(x, 0.0, 1.0, out=x)
     if gamma != 1.0:
         np.power(x, 1.0 / gamma, out=x)
+    if shade is not None and shade_strength > 0:
+        x = blend(x, shade, shade_strength)
     return (x * 255.0 + 0.5).astype(np.uint8)
 
 

@@ -25,6 +25,7 @@ from compositor.composite import (
     prob_masks,
     scl_masks,
 )
+from compositor.hillshade import hillshade
 from compositor.render import (
     DEFAULT_GAMMA,
     DEFAULT_RESCALE,
@@ -56,6 +57,7 @@ class ViewParams:
     rescale: tuple[float, float] = DEFAULT_RESCALE
     gamma: float = DEFAULT_GAMMA
     date: dt.date | None = None  # the 'date' and 'cloud' layers show one scene
+    hillshade: float = 0.0  # blend strength 0..1 of the DEM hillshade (composite and date)
 
     def __post_init__(self) -> None:
         if self.layer not in LAYERS:
@@ -66,6 +68,8 @@ class ViewParams:
             raise ValueError(f"percentile must be within 0..100, not {self.percentile}")
         if self.layer in ("date", "cloud") and self.date is None:
             raise ValueError(f"layer={self.layer} needs date=YYYY-MM-DD")
+        if not 0 <= self.hillshade <= 1:
+            raise ValueError(f"hillshade must be within 0..1, not {self.hillshade}")
 
 
 @dataclass
@@ -144,6 +148,12 @@ def render_area(
             native = res_c.values
 
     resampling = "nearest" if params.layer == "count" else "bilinear"
+    shaded = params.hillshade > 0 and params.layer in ("composite", "date") and stack.has_dem
+    if shaded:
+        dem = stack.read(level.index, window, idx[:0], ("dem",))["dem"]
+        shade = hillshade(dem, level.resolution)
+        native = np.concatenate([native, shade[None]])
+        clock.lap("hillshade")
     out = warp(native, win_transform, src_crs, dst_crs, dst_bounds, width, height, resampling)
     valid = ~np.isnan(out[0])
     clock.lap("warp")
@@ -152,7 +162,13 @@ def render_area(
     elif params.layer == "cloud":
         rgb = colorize_probability(out[0])
     else:
-        rgb = to_rgb8(out, params.rescale, params.gamma)
+        rgb = to_rgb8(
+            out[:3],
+            params.rescale,
+            params.gamma,
+            shade=out[3] if shaded else None,
+            shade_strength=params.hillshade,
+        )
     clock.lap("render")
     return Rendered(rgb=rgb, valid=valid, timings=timings)
 

@@ -62,6 +62,9 @@ class ViewQuery(DefaultDependency):
     rescale: Annotated[str | None, Query(description="DN range 'min,max' for display")] = None
     gamma: Annotated[float, Query(gt=0, le=5, description="Display gamma")] = DEFAULT_GAMMA
     date: Annotated[dt.date | None, Query(description="Scene date for layer=date|cloud")] = None
+    hillshade: Annotated[
+        float, Query(ge=0, le=1, description="DEM hillshade blend strength (0 = off)")
+    ] = 0.0
 
     def __post_init__(self) -> None:
         if self.start and self.end and self.start > self.end:

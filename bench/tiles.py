@@ -1,0 +1,260 @@
+"""Tile latency through the real HTTP server, and the stock titiler-ecosystem mosaic beside it.
+
+    python bench/tiles.py [--tiles 60] [--json]
+
+Builds (once, reused from bench/.data/) a synthetic 100-scene stack of 2048 x 2048 px at 10 m
+(20.5 km x 20.5 km) and the same scenes as 100 RGB COGs. Then, in one run:
+- ClearSky through `clearsky serve` on 127.0.0.1: cold tiles at the native zoom, cold tiles at a
+  low zoom where one tile covers the whole stack (cold = a percentile never asked before, so the
+  tile cache cannot answer), and the same native tiles again (cached);
+- rio-tiler's `mosaic_reader` with `MedianMethod` over the 100 COGs for the same native tiles
+  (in-process, so it pays no HTTP: the comparison favours the baseline);
+- a per-stage breakdown of ClearSky's cold tile (in-process, same code path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import morecantile  # noqa: E402
+import rasterio  # noqa: E402
+from rio_tiler.io import Reader  # noqa: E402
+from rio_tiler.mosaic import mosaic_reader  # noqa: E402
+from rio_tiler.mosaic.methods import MedianMethod  # noqa: E402
+
+from compositor.demo import SYNTH_CELL, build_synthetic  # noqa: E402
+from compositor.grid import transform_bounds_to_lonlat  # noqa: E402
+from compositor.stack import Stack, StackError  # noqa: E402
+from compositor.tiling import ViewParams, render_area  # noqa: E402
+
+TMS = morecantile.tms.get("WebMercatorQuad")
+DATA = ROOT / "bench" / ".data" / "tiles"
+SIZE, DATES, SEED = 2048, 100, 11
+
+
+def build_stack() -> Stack:
+    path = DATA / f"{SYNTH_CELL}.zarr"
+    try:
+        st = Stack.open(path)
+        if st.meta.get("built") and len(st.complete_indices()) == DATES:
+            return st
+    except StackError:
+        pass
+    print(f"building the {DATES}-scene {SIZE}x{SIZE} bench stack (once) ...", flush=True)
+    build_synthetic(DATA, seed=SEED, size=SIZE, n_dates=DATES)
+    return Stack.open(path)
+
+
+def build_cogs(stack: Stack) -> list[str]:
+    """The same scenes as RGB COGs (deflate, 512 px blocks, overviews): the standard way."""
+    out = DATA / "cogs"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    band_idx = [stack.bands.index(b) for b in ("B04", "B03", "B02")]
+    for t in stack.complete_indices():
+        p = out / f"{stack.scenes[t].id}.tif"
+        paths.append(str(p))
+        if p.exists():
+            continue
+        refl = stack.read(
+            0, (0, 0, stack.height, stack.width), np.array([t]), ("reflectance",), bands=band_idx
+        )["reflectance"][0]
+        profile = dict(
+            driver="COG",
+            width=stack.width,
+            height=stack.height,
+            count=3,
+            dtype="uint16",
+            nodata=0,
+            crs=f"EPSG:{stack.epsg}",
+            transform=stack.transform,
+            compress="DEFLATE",
+            blocksize=512,
+            overview_resampling="average",
+        )
+        tmp = p.with_suffix(".tmp.tif")
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(refl)
+        tmp.rename(p)
+    return paths
+
+
+def native_tiles(stack: Stack, n: int, rng: np.random.Generator) -> tuple[int, list]:
+    w, s, e, nn = transform_bounds_to_lonlat(stack.epsg, stack.bounds)
+    z = TMS.zoom_for_res(stack.resolution)  # the zoom whose pixels match 10 m
+    inner = [t for t in TMS.tiles(w, s, e, nn, [z]) if _inside(TMS.bounds(t), (w, s, e, nn))]
+    pick = rng.choice(len(inner), size=min(n, len(inner)), replace=False)
+    return z, [inner[i] for i in pick]
+
+
+def whole_stack_tile(stack: Stack):
+    w, s, e, n = transform_bounds_to_lonlat(stack.epsg, stack.bounds)
+    for z in range(16, -1, -1):
+        tiles = list(TMS.tiles(w, s, e, n, [z]))
+        if len(tiles) == 1:
+            return tiles[0]
+    raise RuntimeError("no single tile covers the stack")
+
+
+def _inside(b, outer) -> bool:
+    return b.left > outer[0] and b.bottom > outer[1] and b.right < outer[2] and b.top < outer[3]
+
+
+def pct(values: list[float]) -> dict:
+    a = np.asarray(values) * 1000
+    return {
+        "n": len(a),
+        "p50": float(np.percentile(a, 50)),
+        "p95": float(np.percentile(a, 95)),
+        "p99": float(np.percentile(a, 99)),
+        "mean": float(a.mean()),
+    }
+
+
+def start_server(port: int) -> subprocess.Popen:
+    env = {**os.environ, "CLEARSKY_DATA_DIR": str(DATA), "CLEARSKY_TILE_CACHE_MB": "512"}
+    log = open(DATA / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "compositor.cli", "serve", "--port", str(port), "--data", str(DATA)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    for _ in range(300):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def timed_get(client: httpx.Client, url: str, params: dict) -> float:
+    t0 = time.perf_counter()
+    r = client.get(url, params=params)
+    dt = time.perf_counter() - t0
+    if r.status_code != 200:
+        raise RuntimeError(f"{url} {params}: {r.status_code} {r.text[:200]}")
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiles", type=int, default=60, help="random native-zoom tiles")
+    ap.add_argument("--baseline-tiles", type=int, default=12)
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    stack = build_stack()
+    cogs = build_cogs(stack)
+    z, tiles = native_tiles(stack, args.tiles, rng)
+    low = whole_stack_tile(stack)
+
+    proc = start_server(args.port)
+    base = f"http://127.0.0.1:{args.port}/cells/{SYNTH_CELL}/tiles/WebMercatorQuad"
+    res: dict = {
+        "stack": {
+            "scenes": DATES,
+            "size_px": SIZE,
+            "resolution_m": 10,
+            "native_zoom": z,
+            "low_zoom": low.z,
+        }
+    }
+    try:
+        with httpx.Client(timeout=60) as client:
+            # Warm-up: JIT-compiled kernels load from numba's cache in the server process.
+            for t in tiles[:3]:
+                timed_get(client, f"{base}/{t.z}/{t.x}/{t.y}.png", {"percentile": 1})
+            cold = [timed_get(client, f"{base}/{t.z}/{t.x}/{t.y}.png", {}) for t in tiles]
+            cached = [timed_get(client, f"{base}/{t.z}/{t.x}/{t.y}.png", {}) for t in tiles]
+            lowt = [
+                timed_get(
+                    client, f"{base}/{low.z}/{low.x}/{low.y}.png", {"percentile": 20 + i * 0.25}
+                )
+                for i in range(12)
+            ]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    res["clearsky_cold_native"] = pct(cold)
+    res["clearsky_cold_whole_stack"] = pct(lowt)
+    res["clearsky_cached"] = pct(cached)
+
+    # The stock mosaic: rio-tiler mosaic_reader + MedianMethod over 100 COGs.
+    def cog_tile(asset, x, y, zz):
+        with Reader(asset) as src:
+            return src.tile(x, y, zz, resampling_method="bilinear")
+
+    bt = []
+    for t in tiles[: args.baseline_tiles]:
+        t0 = time.perf_counter()
+        mosaic_reader(cogs, cog_tile, t.x, t.y, t.z, pixel_selection=MedianMethod(), threads=2)
+        bt.append(time.perf_counter() - t0)
+    res["rio_tiler_mosaic_median"] = pct(bt)
+
+    # Stage breakdown, in-process, cold (one fresh percentile per tile).
+    from rio_tiler.models import ImageData
+
+    stages: dict[str, list[float]] = {}
+    for i, t in enumerate(tiles[:20]):
+        r = render_area(
+            stack,
+            TMS.rasterio_crs,
+            tuple(TMS.xy_bounds(t)),
+            256,
+            256,
+            ViewParams(percentile=25 + i * 0.01),
+        )
+        t0 = time.perf_counter()
+        img = ImageData(np.ma.MaskedArray(r.rgb, mask=np.broadcast_to(~r.valid, r.rgb.shape)))
+        img.render(img_format="PNG")
+        r.timings["encode"] = time.perf_counter() - t0
+        for k, v in r.timings.items():
+            stages.setdefault(k, []).append(v)
+    res["stages_ms"] = {k: float(np.median(v) * 1000) for k, v in stages.items()}
+    res["speedup_vs_mosaic_p50"] = (
+        res["rio_tiler_mosaic_median"]["p50"] / res["clearsky_cold_native"]["p50"]
+    )
+
+    print(
+        f"\nstack: {DATES} scenes, {SIZE}x{SIZE} px at 10 m; native zoom {z}, whole-stack "
+        f"tile at zoom {low.z}; 2 cores"
+    )
+    print(f"{'path':40} {'n':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+    for key, label in [
+        ("clearsky_cold_native", "ClearSky cold, native zoom (HTTP)"),
+        ("clearsky_cold_whole_stack", "ClearSky cold, whole-stack tile (HTTP)"),
+        ("clearsky_cached", "ClearSky cached (HTTP)"),
+        ("rio_tiler_mosaic_median", "rio-tiler mosaic_reader Median (in-proc)"),
+    ]:
+        p = res[key]
+        print(f"{label:40} {p['n']:>4} {p['p50']:>8.1f} {p['p95']:>8.1f} {p['p99']:>8.1f}")
+    print(
+        f"\nClearSky cold native vs rio-tiler mosaic (p50): "
+        f"{res['speedup_vs_mosaic_p50']:.1f}x faster"
+    )
+    print(
+        "stage breakdown (median ms, cold native tile, in-process): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in res["stages_ms"].items())
+    )
+    if args.json:
+        print(json.dumps({"tiles": res}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Rendering any grid from a stack: seamless tiles, zoom-consistent look."""
+
+import morecantile
+import numpy as np
+
+from compositor.demo import SYNTH_CELL
+from compositor.grid import transform_bounds_to_lonlat
+from compositor.stack import Stack
+from compositor.tiling import ViewParams, render_area
+
+TMS = morecantile.tms.get("WebMercatorQuad")
+
+
+def _stack(demo_dir):
+    return Stack.open(demo_dir / f"{SYNTH_CELL}.zarr")
+
+
+def _center(stack):
+    w, s, e, n = transform_bounds_to_lonlat(stack.epsg, stack.bounds)
+    return (w + e) / 2, (s + n) / 2
+
+
+def test_neighbouring_tiles_have_no_seam(demo_dir):
+    stack = _stack(demo_dir)
+    t = TMS.tile(*_center(stack), 14)
+    right = morecantile.Tile(t.x + 1, t.y, t.z)
+    params = ViewParams(hillshade=0.6)
+    a = render_area(stack, TMS.rasterio_crs, tuple(TMS.xy_bounds(t)), 256, 256, params)
+    b = render_area(stack, TMS.rasterio_crs, tuple(TMS.xy_bounds(right)), 256, 256, params)
+    ba, bb = TMS.xy_bounds(t), TMS.xy_bounds(right)
+    both = render_area(
+        stack, TMS.rasterio_crs, (ba.left, ba.bottom, bb.right, ba.top), 512, 256, params
+    )
+    joined = np.concatenate([a.rgb, b.rgb], axis=2)
+    ok = both.valid & np.concatenate([a.valid, b.valid], axis=1)
+    diff = np.abs(joined.astype(int) - both.rgb.astype(int))[:, ok]
+    assert diff.max() <= 1  # rounding only: the two tiles are one image
+
+
+def test_hillshade_changes_relief_not_flat_colour(demo_dir):
+    stack = _stack(demo_dir)
+    t = TMS.tile(*_center(stack), 13)
+    b = tuple(TMS.xy_bounds(t))
+    plain = render_area(stack, TMS.rasterio_crs, b, 256, 256, ViewParams())
+    shaded = render_area(stack, TMS.rasterio_crs, b, 256, 256, ViewParams(hillshade=0.8))
+    d = shaded.rgb.astype(int) - plain.rgb.astype(int)
+    assert np.abs(d).mean() > 1  # relief shows
+    assert abs(d.mean()) < 0.25 * np.abs(d).mean() + 3  # no overall dimming
+
+
+def test_outside_and_filters_raise_nodata(demo_dir):
+    import datetime as dt
+
+    import pytest
+
+    from compositor.tiling import NoData
+
+    stack = _stack(demo_dir)
+    with pytest.raises(NoData):
+        render_area(
+            stack,
+            TMS.rasterio_crs,
+            tuple(TMS.xy_bounds(morecantile.Tile(0, 0, 14))),
+            256,
+            256,
+            ViewParams(),
+        )
+    t = TMS.tile(*_center(stack), 14)
+    with pytest.raises(NoData, match="no scene"):
+        render_area(
+            stack,
+            TMS.rasterio_crs,
+            tuple(TMS.xy_bounds(t)),
+            256,
+            256,
+            ViewParams(start=dt.date(1990, 1, 1), end=dt.date(1990, 2, 1)),
+        )
