@@ -111,9 +111,15 @@ def render_area(
     c1, r1 = inv @ (nb[2], nb[1])
     dil = math.ceil(params.dilate / level.factor) if params.dilate > 0 else 0
     halo = HALO + dil
-    col, row = math.floor(c0) - halo, math.floor(r0) - halo
-    w, h = math.ceil(c1) + halo - col, math.ceil(r1) + halo - row
-    if col + w <= 0 or row + h <= 0 or col >= level.width or row >= level.height:
+    if not all(map(math.isfinite, (c0, r0, c1, r1))):
+        raise NoData("the area cannot be projected onto the stack's grid")
+    # Clip to the level (plus halo): a zoomed-out tile spans far more than the stack, and the
+    # window must never grow with the request (memory), only with the stack.
+    col, row = max(math.floor(c0), 0) - halo, max(math.floor(r0), 0) - halo
+    col1 = min(math.ceil(c1), level.width) + halo
+    row1 = min(math.ceil(r1), level.height) + halo
+    w, h = col1 - col, row1 - row
+    if c1 <= 0 or r1 <= 0 or c0 >= level.width or r0 >= level.height:
         raise NoData("the area does not intersect the stack")
     window = (row, col, h, w)
     win_transform = level.transform @ Affine.translation(col, row)

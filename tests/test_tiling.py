@@ -75,3 +75,13 @@ def test_outside_and_filters_raise_nodata(demo_dir):
             256,
             ViewParams(start=dt.date(1990, 1, 1), end=dt.date(1990, 2, 1)),
         )
+
+
+def test_zoomed_out_tile_reads_only_the_stack(demo_dir):
+    # A zoom-4 tile spans thousands of km; the read must stay the size of the stack.
+    stack = _stack(demo_dir)
+    lon, lat = _center(stack)
+    for z, visible in ((2, False), (4, False), (9, True)):
+        t = TMS.tile(lon, lat, z)
+        r = render_area(stack, TMS.rasterio_crs, tuple(TMS.xy_bounds(t)), 256, 256, ViewParams())
+        assert r.valid.sum() < 256 * 256 and bool(r.valid.any()) == visible

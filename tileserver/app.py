@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path as FsPath
 from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Path, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from pyproj import Transformer
 from titiler.core.dependencies import DefaultDependency
 from titiler.core.errors import DEFAULT_STATUS_CODES, add_exception_handlers
 from titiler.core.factory import TilerFactory
@@ -19,9 +20,10 @@ from compositor.grid import transform_bounds_to_lonlat
 from compositor.stack import Stack
 from tileserver.cache import TileCacheMiddleware
 from tileserver.params import ViewQuery
-from tileserver.reader import StackReader
+from tileserver.reader import CellsMosaicReader, StackReader
 from tileserver.registry import Registry, UnknownCell
 from tileserver.settings import Settings, get_settings
+from tileserver.wmts import capabilities
 
 log = logging.getLogger("clearsky.tileserver")
 ATTRIBUTION = "Contains modified Copernicus Sentinel data"
@@ -47,9 +49,39 @@ class StackTilerFactory(TilerFactory):
     """titiler's TilerFactory with only the routes that make sense for a composited stack."""
 
     def register_routes(self) -> None:
-        self.info()
+        if self.name != "all":
+            self.info()
         self.tile()
         self.tilejson()
+
+
+def all_stacks(request: Request) -> list[Stack]:
+    """Path dependency of the global layer: every served cell."""
+    return request.app.state.registry.stacks()
+
+
+def cell_footprint(stack: Stack) -> dict:
+    """GeoJSON polygon of a stack's UTM footprint in lon/lat (densified edges)."""
+    t = Transformer.from_crs(stack.epsg, 4326, always_xy=True)
+    left, bottom, right, top = stack.bounds
+    n = 16
+    xs = [left + (right - left) * i / n for i in range(n)]
+    ys = [top - (top - bottom) * i / n for i in range(n)]
+    ring = (
+        [(x, top) for x in xs]
+        + [(right, y) for y in ys]
+        + [(x, bottom) for x in reversed([*xs[1:], right])]
+        + [(left, y) for y in reversed([*ys[1:], bottom])]
+    )
+    lon, lat = t.transform([p[0] for p in ring], [p[1] for p in ring])
+    coords = [[round(a, 7), round(b, 7)] for a, b in zip(lon, lat, strict=True)]
+    coords.append(coords[0])
+    return {"type": "Polygon", "coordinates": [coords]}
+
+
+def layer_zooms(stack: Stack) -> tuple[int, int]:
+    r = StackReader(stack)
+    return r.minzoom, r.maxzoom
 
 
 def cell_summary(stack: Stack) -> dict:
@@ -105,7 +137,81 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         add_part=False,
     )
     app.include_router(factory.router, prefix="/cells/{cell}", tags=["cells"])
+    mosaic = StackTilerFactory(
+        name="all",
+        reader=CellsMosaicReader,
+        path_dependency=all_stacks,
+        reader_dependency=ViewQuery,
+        layer_dependency=NoParams,
+        dataset_dependency=NoParams,
+        tile_dependency=NoParams,
+        process_dependency=lambda: None,
+        colormap_dependency=lambda: None,
+        add_viewer=False,
+        add_preview=False,
+        add_part=False,
+    )
+    app.include_router(mosaic.router, tags=["all cells"])
     add_exception_handlers(app, DEFAULT_STATUS_CODES)
+
+    @app.get("/cells.geojson", tags=["cells"])
+    def cells_geojson(request: Request) -> JSONResponse:
+        reg: Registry = request.app.state.registry
+        features = []
+        for st in reg.stacks():
+            props = cell_summary(st)
+            props.pop("dates")
+            features.append(
+                {
+                    "type": "Feature",
+                    "id": st.cell_id,
+                    "properties": props,
+                    "geometry": cell_footprint(st),
+                }
+            )
+        return JSONResponse(
+            {"type": "FeatureCollection", "features": features}, media_type="application/geo+json"
+        )
+
+    @app.get("/WMTSCapabilities.xml", tags=["OGC"])
+    def wmts(request: Request, view: Annotated[ViewQuery, Depends()]) -> Response:
+        """WMTS for QGIS/GDAL: one layer over all cells ('all') and one per cell. Query
+        parameters (percentile, months, ...) are validated and carried into the tile URLs."""
+        reg: Registry = request.app.state.registry
+        layers = []
+        for st in reg.stacks():
+            lo, hi = layer_zooms(st)
+            layers.append(
+                {
+                    "id": st.cell_id,
+                    "title": st.meta.get("title", st.cell_id),
+                    "bounds": transform_bounds_to_lonlat(st.epsg, st.bounds),
+                    "minzoom": lo,
+                    "maxzoom": hi,
+                    "path": f"/cells/{st.cell_id}",
+                }
+            )
+        if layers:
+            b = [lyr["bounds"] for lyr in layers]
+            layers.insert(
+                0,
+                {
+                    "id": "all",
+                    "title": "ClearSky, all cells",
+                    "bounds": (
+                        min(x[0] for x in b),
+                        min(x[1] for x in b),
+                        max(x[2] for x in b),
+                        max(x[3] for x in b),
+                    ),
+                    "minzoom": min(lyr["minzoom"] for lyr in layers),
+                    "maxzoom": max(lyr["maxzoom"] for lyr in layers),
+                    "path": "",
+                },
+            )
+        base = str(request.base_url).rstrip("/")
+        xml = capabilities(base, layers, request.url.query)
+        return Response(xml, media_type="application/xml")
 
     @app.get("/cells", tags=["cells"])
     def list_cells(request: Request) -> JSONResponse:

@@ -9,6 +9,7 @@ should cost well under a millisecond of Python.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode
@@ -49,6 +50,21 @@ def _is_tile(path: str) -> bool:
     return "/tiles/" in path
 
 
+_RETINA = re.compile(r"^(?P<head>.*/tiles/[^/]+/\d+/\d+/\d+)@(?P<scale>[1-4])x(?P<ext>\.\w+)?$")
+
+
+def retina_rewrite(scope: dict) -> dict:
+    """`.../{y}@2x.png` -> `.../{y}.png?tilesize=512` (titiler's routes know tilesize only)."""
+    m = _RETINA.match(scope["path"])
+    if not m:
+        return scope
+    q = scope.get("query_string", b"")
+    size = 256 * int(m["scale"])
+    q = (q + b"&" if q else b"") + f"tilesize={size}".encode()
+    path = m["head"] + (m["ext"] or "")
+    return {**scope, "path": path, "raw_path": path.encode(), "query_string": q}
+
+
 def canonical_key(path: str, query: bytes) -> str:
     pairs = sorted(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
     return path + "?" + urlencode(pairs)
@@ -72,6 +88,7 @@ class TileCacheMiddleware:
             return await self.app(scope, receive, send)
         if not _is_tile(scope["path"]):
             return await self.app(scope, receive, send)
+        scope = retina_rewrite(scope)
         self.stats.tiles += 1
         key = canonical_key(scope["path"], scope.get("query_string", b""))
         inm = dict(scope["headers"]).get(b"if-none-match")
@@ -104,6 +121,8 @@ class TileCacheMiddleware:
         self.stats.rendered += 1
         self.stats.render_seconds += time.perf_counter() - t0
         ctype = dict(captured["headers"]).get(b"content-type", b"application/octet-stream")
+        if ctype == b"image/jpg":  # titiler's name; the registered media type is image/jpeg
+            ctype = b"image/jpeg"
         etag = etag_of(body)
         if self.enabled:  # the event loop is the only thread touching the cache
             self.cache[key] = (body, ctype, etag)

@@ -16,15 +16,32 @@ from compositor.stack import Stack
 from compositor.tiling import NoData, ViewParams, render_area
 
 
+class _TilesOnly:
+    """rio-tiler's abstract reads that no route of ours calls (only tile and info are routed)."""
+
+    def statistics(self, *args: Any, **kwargs: Any) -> dict[str, BandStatistics]:
+        raise NotImplementedError
+
+    def part(self, *args: Any, **kwargs: Any) -> ImageData:
+        raise NotImplementedError
+
+    def preview(self, *args: Any, **kwargs: Any) -> ImageData:
+        raise NotImplementedError
+
+    def point(self, *args: Any, **kwargs: Any) -> PointData:
+        raise NotImplementedError
+
+    def feature(self, *args: Any, **kwargs: Any) -> ImageData:
+        raise NotImplementedError
+
+
 @attr.s
-class StackReader(BaseReader):
+class StackReader(_TilesOnly, BaseReader):
     """``input`` is an open :class:`Stack` (resolved from a known cell id, never a path)."""
 
     input: Stack
 
     params: ViewParams = attr.ib(factory=ViewParams)
-    minzoom: int = attr.ib(init=False)
-    maxzoom: int = attr.ib(init=False)
 
     def __attrs_post_init__(self) -> None:
         s = self.input
@@ -32,8 +49,14 @@ class StackReader(BaseReader):
         self.crs = CRS.from_epsg(s.epsg)
         self.transform = s.transform
         self.height, self.width = s.height, s.width
-        self.minzoom = max(self._minzoom - 4, 0)  # coarse levels keep it visible zoomed out
-        self.maxzoom = self._maxzoom + 2
+
+    @property
+    def minzoom(self) -> int:
+        return max(self._minzoom - 4, 0)  # coarse levels keep a cell visible zoomed far out
+
+    @property
+    def maxzoom(self) -> int:
+        return self._maxzoom + 2  # over-zoom a little past 10 m, as basemaps do
 
     def tile(
         self, tile_x: int, tile_y: int, tile_z: int, tilesize: int | None = None, **kwargs: Any
@@ -71,17 +94,74 @@ class StackReader(BaseReader):
             overviews=[lv.factor for lv in s.levels[1:]],
         )
 
-    def statistics(self, *args: Any, **kwargs: Any) -> dict[str, BandStatistics]:
-        raise NotImplementedError("statistics are not served for stacks")
 
-    def part(self, *args: Any, **kwargs: Any) -> ImageData:
-        raise NotImplementedError
+@attr.s
+class CellsMosaicReader(_TilesOnly, BaseReader):
+    """Every served cell as one layer: each tile is the union of the cells it touches.
 
-    def preview(self, *args: Any, **kwargs: Any) -> ImageData:
-        raise NotImplementedError
+    Neighbouring Sentinel-2 cells overlap by ~10 km and hold the same acquisitions there, so
+    taking the first cell (by id) that has a valid pixel gives one seamless picture."""
 
-    def point(self, *args: Any, **kwargs: Any) -> PointData:
-        raise NotImplementedError
+    input: list[Stack]
+    params: ViewParams = attr.ib(factory=ViewParams)
 
-    def feature(self, *args: Any, **kwargs: Any) -> ImageData:
-        raise NotImplementedError
+    def __attrs_post_init__(self) -> None:
+        self.readers = [StackReader(s, tms=self.tms, params=self.params) for s in self.input]
+        self.crs = self.tms.rasterio_geographic_crs
+        if self.readers:
+            bs = [r.get_geographic_bounds(self.crs) for r in self.readers]
+            self.bounds = (
+                min(b[0] for b in bs),
+                min(b[1] for b in bs),
+                max(b[2] for b in bs),
+                max(b[3] for b in bs),
+            )
+        else:
+            self.bounds = (-180.0, -85.0, 180.0, 85.0)
+
+    @property
+    def minzoom(self) -> int:
+        return min((r.minzoom for r in self.readers), default=0)
+
+    @property
+    def maxzoom(self) -> int:
+        return max((r.maxzoom for r in self.readers), default=18)
+
+    def tile(
+        self, tile_x: int, tile_y: int, tile_z: int, tilesize: int | None = None, **kwargs: Any
+    ) -> ImageData:
+        size = tilesize or 256
+        rgb = np.zeros((3, size, size), np.uint8)
+        valid = np.zeros((size, size), bool)
+        for r in self.readers:
+            if not r.tile_exists(tile_x, tile_y, tile_z):
+                continue
+            try:
+                img = r.tile(tile_x, tile_y, tile_z, tilesize=size)
+            except TileOutsideBounds:
+                continue
+            fill = ~valid & ~img.array.mask[0]
+            rgb[:, fill] = img.array.data[:, fill]
+            valid |= fill
+            if valid.all():
+                break
+        if not valid.any():
+            raise TileOutsideBounds(f"tile {tile_z}/{tile_x}/{tile_y} touches no served cell")
+        bounds = tuple(self.tms.xy_bounds(Tile(x=tile_x, y=tile_y, z=tile_z)))
+        mask = np.broadcast_to(~valid, rgb.shape)
+        return ImageData(
+            np.ma.MaskedArray(rgb, mask=mask),
+            bounds=bounds,
+            crs=self.tms.rasterio_crs,
+            band_names=["red", "green", "blue"],
+        )
+
+    def info(self) -> Info:
+        return Info(
+            bounds=self.bounds,
+            crs="EPSG:4326",
+            band_metadata=[],
+            band_descriptions=[],
+            dtype="uint8",
+            nodata_type="Mask",
+        )
