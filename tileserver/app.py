@@ -230,6 +230,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def viewer() -> FileResponse:
             return FileResponse(static_dir / "index.html")
 
+        @app.get("/embed", include_in_schema=False)
+        def embed() -> FileResponse:
+            """The viewer for an iframe: the page reads /embed and hides its panel."""
+            return FileResponse(static_dir / "index.html")
+
     @app.get("/metrics", tags=["ops"])
     def metrics(request: Request) -> dict:
         cache = getattr(request.app.state, "tile_cache", None)
