@@ -151,6 +151,7 @@ def train(
         Path | None, typer.Option(help="Checkpoint file (default: OUT with .ckpt)")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint")] = False,
+    threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default)")] = 0,
 ) -> None:
     """Train the cloud/shadow SegFormer on stacks (SCL labels, or synthetic truth where present)."""
     import shlex
@@ -166,6 +167,10 @@ def train(
     from compositor.stack import StackError
 
     _setup_logging()
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     lv = tuple(int(v) for v in levels.split(",") if v.strip())
     try:
         cfg = TrainConfig(
@@ -202,6 +207,219 @@ def train(
             f"balanced acc {s['balanced_accuracy']:.3f}"
         )
     typer.echo(f"wrote {out.with_suffix('.safetensors')} in {res.seconds / 60:.1f} min")
+
+
+# ---------------------------------------------------------------- search / prefetch (STAC)
+StacUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--stac-url",
+        envvar="CLEARSKY_STAC_URL",
+        help="STAC API (default: $CLEARSKY_STAC_URL or Earth Search v1)",
+        show_default=False,
+    ),
+]
+
+
+def _date(text: str | None):  # -> datetime.date | None
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text) if text else None
+    except ValueError:
+        _fail(f"dates are YYYY-MM-DD, got {text!r}")
+
+
+def _scene_query(
+    cell_id: str,
+    bbox: str | None,
+    start: str | None,
+    end: str | None,
+    months: str | None,
+    max_cloud: float | None,
+    limit: int,
+    collection: str,
+):  # -> compositor.search.SearchQuery (imported lazily: keeps `clearsky --help` fast)
+    from compositor.grid import CellError
+    from compositor.search import SearchQuery, default_dates, parse_bbox, parse_months
+
+    try:
+        s, e = default_dates(_date(start), _date(end))
+        return SearchQuery(
+            cell=cell_id,
+            start=s,
+            end=e,
+            months=parse_months(months),
+            max_cloud=max_cloud,
+            limit=limit,
+            collection=collection,
+            bbox=parse_bbox(bbox) if bbox else None,
+        )
+    except (ValueError, CellError) as exc:
+        _fail(str(exc))
+
+
+SearchBbox = Annotated[str | None, typer.Option(help="Area W,S,E,N in degrees")]
+SearchStart = Annotated[
+    str | None, typer.Option(help="First date YYYY-MM-DD (default: 5 years before the end)")
+]
+SearchEnd = Annotated[str | None, typer.Option(help="Last date YYYY-MM-DD (default: today)")]
+SearchMonths = Annotated[str | None, typer.Option(help="Months of the year, e.g. 6,7,8,9 or 6-9")]
+SearchCloud = Annotated[float | None, typer.Option(help="Maximum scene cloud cover (%)")]
+SearchLimit = Annotated[int, typer.Option(help="At most this many scenes (least cloudy first)")]
+SearchCollection = Annotated[
+    str, typer.Option(help="STAC collection: sentinel-2-c1-l2a or sentinel-2-l2a")
+]
+
+
+@app.command()
+def search(
+    cell_id: Annotated[
+        str | None, typer.Argument(metavar="[CELL]", help="MGRS cell, e.g. 54SUE")
+    ] = None,
+    bbox: SearchBbox = None,
+    start: SearchStart = None,
+    end: SearchEnd = None,
+    months: SearchMonths = None,
+    max_cloud: SearchCloud = None,
+    limit: SearchLimit = 100,
+    collection: SearchCollection = "sentinel-2-c1-l2a",
+    stac_url: StacUrl = None,
+) -> None:
+    """List the Sentinel-2 L2A scenes a prefetch would take (by cell, or every cell of a bbox)."""
+    from compositor.grid import CellError
+    from compositor.search import (
+        SearchError,
+        default_dates,
+        format_table,
+        mask_url,
+        open_client,
+        parse_bbox,
+        parse_months,
+        search_bbox,
+    )
+    from compositor.search import search as run_search
+
+    _setup_logging()
+    if not cell_id and not bbox:
+        _fail("give a CELL or --bbox W,S,E,N")
+    try:
+        client = open_client(stac_url)
+        if cell_id:
+            q = _scene_query(cell_id, bbox, start, end, months, max_cloud, limit, collection)
+            results = [run_search(q, client)]
+        else:  # every cell of the bbox, each searched over its part of the bbox
+            results = search_bbox(
+                parse_bbox(bbox or ""),
+                *default_dates(_date(start), _date(end)),
+                client,
+                months=parse_months(months),
+                max_cloud=max_cloud,
+                limit=limit,
+                collection=collection,
+            )
+    except (SearchError, CellError, ValueError) as exc:
+        _fail(str(exc))
+    for r in results:
+        typer.echo(
+            f"{r.query.cell}: {len(r.items)} scenes chosen of {r.of_tile} matching "
+            f"({r.found} items returned by {mask_url(client.self_href or '')} "
+            f"{r.query.collection}, {len(r.dropped_other_tiles)} of other tiles)"
+        )
+        typer.echo(format_table(r))
+
+
+@app.command()
+def prefetch(
+    cell_id: Annotated[str, typer.Argument(metavar="CELL", help="MGRS cell, e.g. 54SUE")],
+    bbox: Annotated[
+        str | None, typer.Option(help="Only this part of the cell: W,S,E,N in degrees")
+    ] = None,
+    resolution: Annotated[
+        float, typer.Option(help="Stack base resolution in metres: 10, 20 or 60")
+    ] = 10.0,
+    data: DataDir = None,
+    start: SearchStart = None,
+    end: SearchEnd = None,
+    months: SearchMonths = None,
+    max_cloud: SearchCloud = None,
+    limit: SearchLimit = 100,
+    collection: SearchCollection = "sentinel-2-c1-l2a",
+    stac_url: StacUrl = None,
+    dem: Annotated[bool, typer.Option(help="Also warp the Copernicus DEM onto the grid")] = True,
+    dem_collection: Annotated[str, typer.Option(help="STAC collection of the DEM")] = (
+        "cop-dem-glo-30"
+    ),
+    workers: Annotated[int, typer.Option(help="Scenes read at once")] = 3,
+    retries: Annotated[int, typer.Option(help="Retries of a failing read")] = 4,
+    backoff: Annotated[float, typer.Option(help="First retry delay (s), doubling")] = 1.0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    check_disk: Annotated[bool, typer.Option(help="Refuse when the disk looks too small")] = True,
+) -> None:
+    """Download scenes (4 bands + SCL) and the DEM of a cell into its stack; safe to rerun.
+
+    Exit status 0: every scene is in the stack.
+    3: some scenes failed and were skipped; run the same command again to retry just those.
+    2: nothing was done (bad arguments, no scenes, the search failed).
+    """
+    from compositor.demo import default_data_dir
+    from compositor.prefetch import PrefetchError, prefetch, search_dem, target_grid
+    from compositor.search import SearchError, mask_logged_urls, mask_text, mask_url, open_client
+    from compositor.search import search as run_search
+
+    _setup_logging()
+    logging.getLogger("rasterio").setLevel(logging.WARNING)  # failures are reported per scene
+    mask_logged_urls()
+    q = _scene_query(cell_id, bbox, start, end, months, max_cloud, limit, collection)
+    data_dir = data or default_data_dir()
+    try:
+        grid = target_grid(q.cell, resolution, q.bbox)
+        client = open_client(stac_url)
+        found = run_search(q, client)
+        if not found.items:
+            _fail(
+                f"no {q.collection} scenes of {q.cell} match ({found.found} items returned, "
+                f"{len(found.dropped_other_tiles)} of other tiles): widen dates, months or cloud"
+            )
+        dem_items = None
+        if dem:
+            try:
+                dem_items = search_dem(client, grid, dem_collection)
+            except Exception as exc:  # a catalogue without the DEM collection
+                typer.secho(f"warning: no DEM: {mask_text(exc)}", fg=typer.colors.YELLOW, err=True)
+        typer.echo(
+            f"{q.cell}: {len(found.items)} scenes from {mask_url(client.self_href or '')} "
+            f"{q.collection}, grid {grid.width}x{grid.height} px at {grid.res:g} m"
+        )
+        rep = prefetch(
+            found.items,
+            grid,
+            data_dir,
+            workers=workers,
+            retries=retries,
+            backoff=backoff,
+            dem_items=dem_items,
+            meta={
+                "kind": "real",
+                "title": f"{q.cell} (Sentinel-2 L2A)",
+                "source": f"{mask_url(client.self_href or '')} {q.collection}",
+                "resolution": grid.res,
+            },
+            progress=progress,
+            check_disk=check_disk,
+        )
+    except (PrefetchError, SearchError) as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"{rep.path}: {len(rep.written)} scenes written, {len(rep.skipped)} already there, "
+        f"{len(rep.failed)} failed; DEM: {rep.dem}; {rep.seconds:.1f} s "
+        f"(estimated {rep.estimate_bytes / 1e9:.2f} GB, {rep.free_bytes / 1e9:.1f} GB free)"
+    )
+    for sid, reason in rep.failed.items():
+        typer.secho(f"failed {sid}: {reason}", fg=typer.colors.YELLOW, err=True)
+    if rep.failed:
+        typer.secho("some scenes failed: run the same command again to retry them", err=True)
+        raise typer.Exit(3)
 
 
 def main() -> None:
