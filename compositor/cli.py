@@ -422,6 +422,118 @@ def prefetch(
         raise typer.Exit(3)
 
 
+# ---------------------------------------------------------------- composite / batch (COGs)
+def _view(
+    percentile: float,
+    mask: str,
+    months: str | None,
+    start: str | None,
+    end: str | None,
+    dilate: int,
+):  # -> compositor.tiling.ViewParams
+    from compositor.tiling import ViewParams
+
+    try:
+        ms = tuple(int(m) for m in months.split(",")) if months else None
+        return ViewParams(
+            percentile=percentile,
+            mask=mask,
+            months=ms,
+            start=_date(start),
+            end=_date(end),
+            dilate=dilate,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _stacks(cells: list[str], data_dir: Path) -> list[tuple[str, Path]]:
+    from compositor.grid import CellError, normalize_cell_id
+    from compositor.stack import list_stacks
+
+    have = list_stacks(data_dir)
+    if not cells:
+        return sorted(have.items())
+    out = []
+    for c in cells:
+        try:
+            cid = normalize_cell_id(c)
+        except CellError as exc:
+            _fail(str(exc))
+        if cid not in have:
+            _fail(f"no stack for cell {cid} in {data_dir} (have: {', '.join(have) or 'none'})")
+        out.append((cid, have[cid]))
+    return out
+
+
+Percentile = Annotated[float, typer.Option(min=0, max=100, help="Percentile over time")]
+MaskOpt = Annotated[str, typer.Option(help="scl | segformer | none")]
+
+
+@app.command()
+def composite(
+    cell: Annotated[str, typer.Argument(help="Cell id, e.g. 34TER")],
+    out: Annotated[Path, typer.Option("--out", help="Output COG path")],
+    data: DataDir = None,
+    percentile: Percentile = 25.0,
+    mask: MaskOpt = "scl",
+    months: Annotated[str | None, typer.Option(help="e.g. 6,7,8,9")] = None,
+    start: Annotated[str | None, typer.Option(help="YYYY-MM-DD")] = None,
+    end: Annotated[str | None, typer.Option(help="YYYY-MM-DD")] = None,
+    dilate: Annotated[int, typer.Option(min=0, help="Mask dilation, 10 m pixels")] = 3,
+) -> None:
+    """Write one cell's composite (bands + clear count) as a Cloud-Optimised GeoTIFF."""
+    from compositor.batch import composite_cell
+    from compositor.demo import default_data_dir
+
+    _setup_logging()
+    ((cid, path),) = _stacks([cell], data or default_data_dir())
+    try:
+        res = composite_cell(path, out, _view(percentile, mask, months, start, end, dilate))
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"{cid}: {res['width']}x{res['height']} px from {res['scenes']} scenes -> {out}")
+
+
+@app.command()
+def batch(
+    cells: Annotated[
+        list[str] | None, typer.Argument(help="Cell ids (default: every stack)")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Directory for the COGs")] = Path(
+        "composites"
+    ),
+    data: DataDir = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Dask scheduler address (default: a LocalCluster)")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="LocalCluster worker processes")] = 2,
+    percentile: Percentile = 25.0,
+    mask: MaskOpt = "scl",
+    months: Annotated[str | None, typer.Option(help="e.g. 6,7,8,9")] = None,
+) -> None:
+    """Composite many cells to COGs on Dask distributed."""
+    from tqdm import tqdm
+
+    from compositor.batch import run_batch
+    from compositor.demo import default_data_dir
+
+    _setup_logging()
+    todo = _stacks(cells or [], data or default_data_dir())
+    if not todo:
+        _fail("no stacks to composite")
+    params = _view(percentile, mask, months, None, None, 3)
+    with tqdm(total=len(todo), desc="cells", unit="cell") as bar:
+        results = run_batch(
+            todo, out_dir, params, scheduler, workers, progress=lambda r: bar.update(1)
+        )
+    failed = [r for r in results if "error" in r]
+    for r in results:
+        typer.echo(f"{r['cell']}: " + (f"FAILED {r['error']}" if "error" in r else r["path"]))
+    if failed:
+        raise typer.Exit(3)
+
+
 def main() -> None:
     app()
 
