@@ -1,42 +1,82 @@
 // ClearSky viewer: one composited tile layer per cell, a small control panel, and the whole view
 // (map position and composite options) in the URL hash. Plain Leaflet, no framework, no build.
+// At /embed (or with ?embed=1) the same page is a bare map for an iframe: no panel, the
+// attribution and an "Open in ClearSky" link.
 /* global L */
 
 const ATTRIBUTION = 'Contains modified Copernicus Sentinel data';
 const TILES = 'tiles/WebMercatorQuad/{z}/{x}/{y}.png';
-const LAYERS = ['composite', 'date', 'count'];
+const DISPLAY_TILES = 'tiles/WebMercatorQuad/{z}/{x}/{y}{r}.png'; // {r}: @2x on HiDPI screens
+// Viewer layers; 'hillshade' is the composite with the DEM's relief blended in.
+const LAYERS = ['composite', 'hillshade', 'count', 'date', 'cloud'];
+const ONE_SCENE = ['date', 'cloud']; // one scene of one cell: other cells have other dates
 const MASKS = ['scl', 'segformer', 'none'];
 const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
 const DEFAULTS = {
-  cell: '', layer: 'composite', percentile: 25, mask: 'scl', start: '', end: '', months: '', date: '',
+  cell: '', layer: 'composite', percentile: 25, hillshade: 0.5, mask: 'scl', start: '', end: '',
+  months: '', date: '',
 };
 const ISO_DATE = /^\d{4}-\d{2}-\d{2}$/;
 
-const base = new URL('.', document.baseURI).href; // the server root, also behind a path prefix
+// The server root (also behind a path prefix): the page is served at {root}/ and {root}/embed.
+const here = new URL(document.baseURI);
+const EMBED_PATH = /\/embed\/?$/.test(here.pathname);
+if (EMBED_PATH) here.pathname = here.pathname.replace(/embed\/?$/, '');
+const base = new URL('.', here).href;
+const EMBED = EMBED_PATH || new URLSearchParams(location.search).get('embed') === '1';
+
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+const q = (v) => encodeURIComponent(v).replace(/%2C/g, ',');
 
 const state = { ...DEFAULTS };
 const cells = new Map(); // id -> summary from /cells
 const layers = {}; // id -> L.TileLayer
-const outlines = {}; // id -> L.Rectangle
+const outlines = {}; // id -> L.Polygon (the cell's footprint from /cells.geojson)
+const dots = L.layerGroup(); // zoomed out a cell is smaller than a pixel: a dot finds it
+const labels = L.layerGroup(); // zoomed in: "49NDB · 24 scenes" above each cell
+let xyzOneCell = false; // the "only this cell" box of the XYZ URL (not part of the permalink)
 
+document.documentElement.classList.toggle('embed', EMBED);
 const map = L.map('map', { minZoom: 2, maxZoom: 18, worldCopyJump: true });
 map.attributionControl.addAttribution(ATTRIBUTION);
 L.control.scale({ imperial: false }).addTo(map);
-const Panel = L.Control.extend({
-  onAdd() {
-    const el = $('panel');
-    el.hidden = false;
-    L.DomEvent.disableClickPropagation(el);
-    L.DomEvent.disableScrollPropagation(el);
-    return el;
-  },
-});
-new Panel({ position: 'topright' }).addTo(map);
-window.clearsky = { map, layers, outlines, cells, state };
+window.clearsky = { map, layers, outlines, cells, state, embed: EMBED };
+
+if (EMBED) {
+  // A map in a blog post must not hijack the page's scrolling: the wheel zooms once clicked.
+  map.scrollWheelZoom.disable();
+  map.on('click focus', () => map.scrollWheelZoom.enable());
+  map.on('mouseout blur', () => map.scrollWheelZoom.disable());
+  const Open = L.Control.extend({
+    onAdd() {
+      const el = L.DomUtil.create('div', 'open-link leaflet-bar');
+      el.innerHTML = '<a id="open-link" target="_blank" rel="noopener" href=".">'
+        + 'Open in ClearSky ↗</a>';
+      // Without the panel the legends and errors still need a place.
+      el.append($('legend'), $('cloud-legend'), $('status'));
+      L.DomEvent.disableClickPropagation(el);
+      return el;
+    },
+  });
+  new Open({ position: 'topright' }).addTo(map);
+} else {
+  const Panel = L.Control.extend({
+    onAdd() {
+      const el = $('panel');
+      el.hidden = false;
+      L.DomEvent.disableClickPropagation(el);
+      L.DomEvent.disableScrollPropagation(el);
+      return el;
+    },
+  });
+  new Panel({ position: 'topright' }).addTo(map);
+}
 
 // ---- state <-> URL -------------------------------------------------------------------------
+
+const inRange = (raw, lo, hi) => raw !== undefined && raw !== '' && Number(raw) >= lo
+  && Number(raw) <= hi;
 
 /** Only valid values get into the state: a hand-edited hash cannot produce a 422 tile. */
 function sanitize(raw) {
@@ -44,11 +84,10 @@ function sanitize(raw) {
   if (cells.has(raw.cell)) s.cell = raw.cell;
   if (LAYERS.includes(raw.layer)) s.layer = raw.layer;
   if (MASKS.includes(raw.mask)) s.mask = raw.mask;
-  const p = Number(raw.percentile);
-  if (raw.percentile !== undefined && raw.percentile !== '' && p >= 0 && p <= 100) {
-    s.percentile = p;
-  }
+  if (inRange(raw.percentile, 0, 100)) s.percentile = Number(raw.percentile);
+  if (inRange(raw.hillshade, 0, 1)) s.hillshade = Number(raw.hillshade);
   for (const k of ['start', 'end', 'date']) if (ISO_DATE.test(raw[k] ?? '')) s[k] = raw[k];
+  if (s.start && s.end && s.start > s.end) delete s.end;
   if (raw.months !== undefined) s.months = normMonths(String(raw.months).split(','));
   return s;
 }
@@ -63,7 +102,8 @@ function readHash() {
   const raw = Object.fromEntries(Object.keys(DEFAULTS).filter((k) => h.has(k))
     .map((k) => [k, h.get(k)]));
   const v = (h.get('map') || '').split('/').map(Number);
-  const view = v.length === 3 && v.every(Number.isFinite) ? { zoom: v[0], center: [v[1], v[2]] } : null;
+  const ok = v.length === 3 && v.every(Number.isFinite);
+  const view = ok ? { zoom: v[0], center: [v[1], v[2]] } : null;
   return { state: sanitize(raw), view };
 }
 
@@ -72,8 +112,9 @@ function hashString() {
   const parts = [`map=${map.getZoom()}/${c.lat.toFixed(5)}/${c.lng.toFixed(5)}`];
   for (const k of Object.keys(DEFAULTS)) {
     const v = state[k];
-    if (v === '' || (k === 'date' && state.layer !== 'date')) continue;
-    parts.push(`${k}=${encodeURIComponent(v).replace(/%2C/g, ',')}`);
+    if (v === '' || (k === 'date' && !ONE_SCENE.includes(state.layer))
+      || (k === 'hillshade' && state.layer !== 'hillshade')) continue;
+    parts.push(`${k}=${q(v)}`);
   }
   return '#' + parts.join('&');
 }
@@ -81,38 +122,55 @@ function hashString() {
 function writeHash() {
   const h = hashString();
   if (h !== location.hash) history.replaceState(null, '', h); // no history spam, no hashchange
+  syncShare(h);
 }
 
 /** Tile query: only the parameters that change the chosen layer, so caches are shared. */
 function tileQuery() {
-  const q = [['layer', state.layer]];
-  if (state.layer === 'date') {
-    q.push(['date', state.date]);
+  const layer = state.layer === 'hillshade' ? 'composite' : state.layer;
+  const p = [['layer', layer]];
+  if (ONE_SCENE.includes(layer)) {
+    p.push(['date', state.date]);
   } else {
-    if (state.layer === 'composite') q.push(['percentile', state.percentile]);
-    q.push(['mask', state.mask]);
-    for (const k of ['start', 'end', 'months']) if (state[k]) q.push([k, state[k]]);
+    if (layer === 'composite') p.push(['percentile', state.percentile]);
+    if (state.layer === 'hillshade') p.push(['hillshade', state.hillshade]);
+    p.push(['mask', state.mask]);
+    for (const k of ['start', 'end', 'months']) if (state[k]) p.push([k, state[k]]);
   }
-  return q.map(([k, v]) => `${k}=${encodeURIComponent(v).replace(/%2C/g, ',')}`).join('&');
+  return p.map(([k, v]) => `${k}=${q(v)}`).join('&');
 }
 
-const tileUrl = (id) => `${base}cells/${encodeURIComponent(id)}/${TILES}?${tileQuery()}`;
+const cellPath = (id) => `cells/${encodeURIComponent(id)}/`;
+const displayUrl = (id) => `${base}${cellPath(id)}${DISPLAY_TILES}?${tileQuery()}`;
+
+/** For QGIS & co: the global layer (every cell, seamless), or one cell's. */
+function xyzUrl() {
+  const one = xyzOneCell || ONE_SCENE.includes(state.layer);
+  return `${base}${one ? cellPath(state.cell) : ''}${TILES}?${tileQuery()}`;
+}
+
+function embedCode(hash) {
+  const src = `${base}embed${hash}`.replace(/&/g, '&amp;').replace(/"/g, '&quot;');
+  return `<iframe src="${src}" width="100%" height="450" style="border:0" `
+    + 'loading="lazy" allowfullscreen title="ClearSky: cloud-free Sentinel-2"></iframe>';
+}
 
 // ---- cells ---------------------------------------------------------------------------------
 
 const cellBounds = (c) => L.latLngBounds([c.bounds[1], c.bounds[0]], [c.bounds[3], c.bounds[2]]);
 
-async function tileJson(id) {
+async function getJson(path) {
   try {
-    const r = await fetch(`${base}cells/${encodeURIComponent(id)}/WebMercatorQuad/tilejson.json`);
+    const r = await fetch(base + path);
     if (r.ok) return await r.json();
-  } catch { /* fall through to defaults */ }
-  return { minzoom: 8, maxzoom: 16 };
+  } catch { /* the caller falls back */ }
+  return null;
 }
 
-function addCell(c, tj) {
+function addCell(c, tj, feature) {
   const bounds = cellBounds(c);
-  const layer = L.tileLayer(tileUrl(c.id), {
+  tj = tj || { minzoom: 8, maxzoom: 16 };
+  const layer = L.tileLayer(displayUrl(c.id), {
     bounds, // no requests (and no 404s) outside the cell
     minZoom: Math.max(0, tj.minzoom ?? 8),
     maxNativeZoom: Math.min(tj.maxzoom ?? 16, 16),
@@ -120,35 +178,47 @@ function addCell(c, tj) {
     className: 'cell-tiles',
   });
   layer.on('loading', () => setStatus('Compositing tiles…', 'busy'));
-  layer.on('load', () => setStatus(''));
+  layer.on('load', () => { if ($('status').classList.contains('busy')) setStatus(''); });
   layer.on('tileerror', (e) => explainTileError(e.tile.src));
   layers[c.id] = layer;
 
   const range = c.start ? `${c.start} – ${c.end}` : 'no scenes';
-  const tooltip = `<b>${esc(c.title)}</b><br>${esc(c.id)} · ${c.scene_count} scenes<br>${range}`;
-  outlines[c.id] = L.rectangle(bounds, { className: 'cell-outline', weight: 2, fill: false })
+  const dem = c.has_dem ? ' · DEM' : '';
+  const tooltip = `<b>${esc(c.title)}</b><br>${esc(c.id)} · ${c.scene_count} scenes${dem}`
+    + `<br>${range}`;
+  // The true footprint (a UTM square is not a lon/lat rectangle); the bounds if it is missing.
+  const style = { className: 'cell-outline', weight: 2, fill: false };
+  const ring = feature?.geometry?.type === 'Polygon'
+    ? L.GeoJSON.coordsToLatLngs(feature.geometry.coordinates, 1) : null;
+  outlines[c.id] = (ring ? L.polygon(ring, style) : L.rectangle(bounds, style))
     .bindTooltip(tooltip, { sticky: true })
-    .on('click', () => selectCell(c.id))
-    .addTo(map);
-  // Zoomed out a cell is smaller than a pixel: a dot finds it, a click zooms to it.
+    .on('click', () => selectCell(c.id));
+  if (!EMBED) outlines[c.id].addTo(map);
   L.circleMarker(bounds.getCenter(), { className: 'cell-dot', radius: 7, weight: 2 })
     .bindTooltip(tooltip)
     .on('click', () => selectCell(c.id))
     .addTo(dots);
+  L.tooltip({ permanent: true, direction: 'top', className: 'cell-label', offset: [0, -2] })
+    .setLatLng([bounds.getNorth(), bounds.getCenter().lng])
+    .setContent(`${esc(c.id)} · ${c.scene_count} scenes`)
+    .addTo(labels);
 }
 
-const dots = L.layerGroup();
 function toggleDots() {
   const minZoom = Math.min(...Object.values(layers).map((l) => l.options.minZoom));
-  if (map.getZoom() < minZoom) dots.addTo(map);
+  const out = map.getZoom() < minZoom;
+  if (out) dots.addTo(map);
   else dots.remove();
+  if (!out && !EMBED) labels.addTo(map);
+  else labels.remove();
 }
 
 async function explainTileError(src) {
   try {
     const r = await fetch(src);
     const detail = r.ok ? '' : (await r.json()).detail;
-    if (detail) setStatus(`Tile error: ${detail}`, 'error');
+    const text = typeof detail === 'string' ? detail : JSON.stringify(detail);
+    if (detail) setStatus(`Tile error: ${text}`, 'error');
   } catch (err) {
     setStatus(`Tile error: ${err}`, 'error');
   }
@@ -158,9 +228,8 @@ const contains = (id, latlng) => cellBounds(cells.get(id)).contains(latlng);
 
 function selectCell(id, fit = true) {
   if (id !== state.cell) {
-    const dates = cells.get(id).dates;
     state.cell = id;
-    state.date = nearestDate(dates, state.date);
+    state.date = nearestDate(cells.get(id).dates, state.date);
     apply();
   }
   if (fit) map.fitBounds(cellBounds(cells.get(id)));
@@ -170,20 +239,20 @@ function nearestDate(dates, date) {
   if (!dates.length) return '';
   if (!date) return dates[dates.length - 1];
   const t = Date.parse(date);
-  return dates.reduce((a, b) => (Math.abs(Date.parse(b) - t) < Math.abs(Date.parse(a) - t) ? b : a));
+  const dist = (d) => Math.abs(Date.parse(d) - t);
+  return dates.reduce((a, b) => (dist(b) < dist(a) ? b : a));
 }
 
 // ---- apply the state -----------------------------------------------------------------------
 
 function apply() {
+  const z = map.getZoom();
   for (const [id, layer] of Object.entries(layers)) {
-    // One date is one scene of one cell: other cells have other dates.
-    if (state.layer !== 'date' || id === state.cell) {
-      const url = tileUrl(id);
+    if (!ONE_SCENE.includes(state.layer) || id === state.cell) {
+      const url = displayUrl(id);
       if (url !== layer._url) {
         // GridLayer.redraw ignores the layer's minZoom: only redraw where tiles belong.
         layer.setUrl(url, true);
-        const z = map.getZoom();
         if (map.hasLayer(layer) && z >= layer.options.minZoom && z <= layer.options.maxZoom) {
           layer.redraw();
         }
@@ -217,7 +286,9 @@ function matchingScenes(c) {
 function syncPanel() {
   const c = cells.get(state.cell);
   $('cell').value = state.cell;
-  for (const r of document.querySelectorAll('input[name=layer]')) r.checked = r.value === state.layer;
+  for (const r of document.querySelectorAll('input[name=layer]')) {
+    r.checked = r.value === state.layer;
+  }
   const dateSel = $('date');
   if (dateSel.dataset.cell !== state.cell) {
     dateSel.replaceChildren(...c.dates.map((d) => new Option(d, d)));
@@ -225,6 +296,7 @@ function syncPanel() {
   }
   dateSel.value = state.date;
   $('percentile').value = $('percentile-range').value = state.percentile;
+  $('hillshade').value = $('hillshade-range').value = state.hillshade;
   $('mask').value = state.mask;
   $('start').value = state.start;
   $('end').value = state.end;
@@ -232,16 +304,31 @@ function syncPanel() {
   for (const box of document.querySelectorAll('#months input')) {
     box.checked = !months || months.includes(Number(box.value));
   }
-  const isDate = state.layer === 'date';
-  $('date-row').hidden = !isDate;
-  $('percentile-row').hidden = state.layer !== 'composite';
-  $('mask-row').hidden = isDate;
-  $('filters').hidden = isDate;
+  const oneScene = ONE_SCENE.includes(state.layer);
+  const shaded = state.layer === 'hillshade';
+  $('date-row').hidden = !oneScene;
+  $('percentile-row').hidden = !['composite', 'hillshade'].includes(state.layer);
+  $('hillshade-row').hidden = !shaded;
+  $('no-dem').hidden = !shaded || c.has_dem !== false;
+  $('mask-row').hidden = oneScene;
+  $('filters').hidden = oneScene;
   const n = matchingScenes(c);
   $('legend').hidden = state.layer !== 'count';
   $('legend-max').textContent = n;
-  $('xyz').value = tileUrl(state.cell);
-  if (!isDate && n === 0) setStatus(`No scene of ${state.cell} matches these dates.`, 'error');
+  $('cloud-legend').hidden = $('cloud-note').hidden = state.layer !== 'cloud';
+  $('xyz-cell').checked = xyzOneCell || oneScene;
+  $('xyz-cell').disabled = oneScene;
+  $('xyz-cell').parentElement.lastChild.textContent = ` only ${state.cell}`;
+  if (!oneScene && n === 0) setStatus(`No scene of ${state.cell} matches these dates.`, 'error');
+  else if ($('status').classList.contains('error')) setStatus('');
+}
+
+function syncShare(hash) {
+  $('xyz').value = xyzUrl();
+  $('wmts').href = `${base}WMTSCapabilities.xml?${tileQuery()}`;
+  $('embed').value = embedCode(hash);
+  const open = $('open-link');
+  if (open) open.href = base + hash;
 }
 
 function buildPanel() {
@@ -259,12 +346,6 @@ function buildPanel() {
     label.innerHTML = `<input type="checkbox" value="${i + 1}"><span>${name[0]}</span>`;
     return label;
   }));
-  const legend = document.createElement('div');
-  legend.id = 'legend';
-  legend.className = 'legend';
-  legend.innerHTML = '<span class="zero">0</span><span class="ramp"></span>'
-    + '<span>1 … <span id="legend-max"></span> clear looks</span>';
-  $('layer').after(legend);
 
   const set = (patch) => { Object.assign(state, patch); apply(); };
   $('cell').addEventListener('change', (e) => selectCell(e.target.value));
@@ -277,14 +358,17 @@ function buildPanel() {
   };
   $('date-prev').addEventListener('click', () => step(-1));
   $('date-next').addEventListener('click', () => step(1));
-  // The slider shows its value while dragging and requests tiles when released.
-  $('percentile-range').addEventListener('input', (e) => { $('percentile').value = e.target.value; });
-  $('percentile-range').addEventListener('change', (e) => set({ percentile: Number(e.target.value) }));
-  $('percentile').addEventListener('change', (e) => {
-    const p = Number(e.target.value);
-    if (e.target.value !== '' && p >= 0 && p <= 100) set({ percentile: p });
-    else syncPanel();
-  });
+  // A slider shows its value while dragging and requests tiles when released.
+  const numeric = (name, lo, hi, round) => {
+    $(`${name}-range`).addEventListener('input', (e) => { $(name).value = e.target.value; });
+    $(`${name}-range`).addEventListener('change', (e) => set({ [name]: round(e.target.value) }));
+    $(name).addEventListener('change', (e) => {
+      if (inRange(e.target.value, lo, hi)) set({ [name]: round(e.target.value) });
+      else syncPanel();
+    });
+  };
+  numeric('percentile', 0, 100, Number);
+  numeric('hillshade', 0, 1, (v) => Math.round(Number(v) * 100) / 100);
   $('mask').addEventListener('change', (e) => set({ mask: e.target.value }));
   for (const id of ['start', 'end']) {
     $(id).addEventListener('change', () => {
@@ -303,19 +387,33 @@ function buildPanel() {
     if (!on.length) { e.target.checked = true; return; } // at least one month
     set({ months: normMonths(on) });
   });
-  $('copy-xyz').addEventListener('click', copyXyz);
+  $('xyz-cell').addEventListener('change', (e) => { xyzOneCell = e.target.checked; writeHash(); });
+  $('copy-xyz').addEventListener('click', () => copy('xyz',
+    'XYZ URL copied — in QGIS: XYZ Tiles › New Connection.'));
+  $('copy-embed').addEventListener('click', () => copy('embed',
+    'Embed code copied — paste it into a page\'s HTML.'));
   $('panel').addEventListener('submit', (e) => e.preventDefault());
+  const collapse = (on) => {
+    $('panel').classList.toggle('collapsed', on);
+    $('collapse').textContent = on ? '☰' : '–';
+    $('collapse').title = on ? 'Show the controls' : 'Hide the controls';
+    $('collapse').setAttribute('aria-expanded', String(!on));
+  };
+  $('collapse').addEventListener('click', () => {
+    collapse(!$('panel').classList.contains('collapsed'));
+  });
+  if (window.matchMedia('(max-width: 600px)').matches) collapse(true); // phones: map first
 }
 
-async function copyXyz() {
-  const input = $('xyz');
+async function copy(id, message) {
+  const input = $(id);
   try {
     await navigator.clipboard.writeText(input.value);
   } catch {
-    input.select(); // not a secure context: fall back to the selection
+    input.select(); // no clipboard permission: fall back to the selection
     document.execCommand('copy');
   }
-  setStatus('XYZ URL copied — in QGIS: XYZ Tiles › New Connection.');
+  setStatus(message);
 }
 
 // ---- start ---------------------------------------------------------------------------------
@@ -331,13 +429,9 @@ function restore({ state: s, view }) {
 }
 
 async function main() {
-  let list;
-  try {
-    const r = await fetch(`${base}cells`);
-    if (!r.ok) throw new Error(`GET cells: HTTP ${r.status}`);
-    list = await r.json();
-  } catch (err) {
-    setStatus(`Could not load the cells: ${err.message}`, 'error');
+  const [list, geo] = await Promise.all([getJson('cells'), getJson('cells.geojson')]);
+  if (!list) {
+    setStatus('Could not load the cells from the server.', 'error');
     map.setView([20, 0], 2);
     return;
   }
@@ -347,8 +441,10 @@ async function main() {
     return;
   }
   for (const c of list) cells.set(c.id, c);
-  const tjs = await Promise.all(list.map((c) => tileJson(c.id)));
-  list.forEach((c, i) => addCell(c, tjs[i]));
+  const features = new Map((geo?.features ?? []).map((f) => [f.properties?.id ?? f.id, f]));
+  const tjs = await Promise.all(list.map((c) => getJson(
+    `${cellPath(c.id)}WebMercatorQuad/tilejson.json`)));
+  list.forEach((c, i) => addCell(c, tjs[i], features.get(c.id)));
   buildPanel();
   state.cell = list[0].id;
   restore(readHash());

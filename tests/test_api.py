@@ -144,3 +144,27 @@ def test_errors_are_not_cached(server):
     for _ in range(2):
         r = httpx.get(url)
         assert r.status_code == 404 and "etag" not in r.headers
+
+
+def test_hillshade_parameter_changes_pixels(server, cells):
+    t = _center_tile(cells["49NDB"], 13)
+    url = f"{server}/cells/49NDB/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.png"
+    plain, shaded = _png(httpx.get(url)), _png(httpx.get(url, params={"hillshade": 0.8}))
+    assert np.abs(plain[..., :3].astype(int) - shaded[..., :3].astype(int)).mean() > 1
+    assert httpx.get(url, params={"hillshade": 1.5}).status_code == 422
+
+
+def test_global_layer_and_formats(server, cells):
+    t = _center_tile(cells["49NDB"], 14)
+    one = _png(httpx.get(f"{server}/cells/49NDB/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.png"))
+    glob = _png(httpx.get(f"{server}/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.png"))
+    assert np.array_equal(one, glob)  # inside one cell the global layer is that cell
+    retina = httpx.get(f"{server}/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}@2x.png")
+    assert Image.open(io.BytesIO(retina.content)).size == (512, 512)
+    for ext, ctype in (("jpg", "image/jpeg"), ("webp", "image/webp")):
+        r = httpx.get(f"{server}/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.{ext}")
+        assert r.status_code == 200 and r.headers["content-type"] == ctype
+    assert httpx.get(f"{server}/tiles/WebMercatorQuad/{t.z}/0/0.png").status_code == 404
+    fc = httpx.get(f"{server}/cells.geojson").json()
+    assert {f["id"] for f in fc["features"]} == set(cells)
+    assert fc["features"][0]["geometry"]["type"] == "Polygon"

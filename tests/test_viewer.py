@@ -1,6 +1,7 @@
 """The Leaflet viewer in a real browser (Debian's Chromium through Playwright) against a real
-`clearsky serve` process: tiles load and show imagery, the controls re-request tiles, the
-permalink restores the view, and nothing errors on the way."""
+`clearsky serve` process: tiles load and show imagery, the controls (layers, percentile,
+hillshade, dates, months) re-request tiles, the XYZ / embed snippets are right, the permalink
+restores the view, and nothing errors on the way. The iframe embed is in test_embed.py."""
 
 from __future__ import annotations
 
@@ -147,15 +148,38 @@ def test_viewer_shows_composite_tiles(viewer: Viewer, cell: dict) -> None:
     assert max(p["opaque"] for p in pixels) > 1000, pixels
     assert max(p["std"] for p in pixels) > 5, pixels
 
-    # The furniture: attribution, scale bar, the cell outline's tooltip, the XYZ template.
-    attribution = viewer.page.inner_text(".leaflet-control-attribution")
+    # The furniture: attribution, scale bar, the cell outline (its true footprint from
+    # /cells.geojson) with its tooltip and its label.
+    page = viewer.page
+    attribution = page.inner_text(".leaflet-control-attribution")
     assert "Contains modified Copernicus Sentinel data" in attribution
-    assert viewer.page.is_visible(".leaflet-control-scale")
+    assert page.is_visible(".leaflet-control-scale")
     tooltip = viewer.js(f"window.clearsky.outlines['{CELL}'].getTooltip().getContent()")
     assert cell["title"] in tooltip and f"{cell['scene_count']} scenes" in tooltip
     assert cell["start"] in tooltip and cell["end"] in tooltip
-    xyz = viewer.page.input_value("#xyz")
-    assert xyz.startswith(f"{viewer.base}{TILE_PATH}{{z}}/{{x}}/{{y}}.png?layer=composite")
+    assert viewer.js(f"window.clearsky.outlines['{CELL}'].getLatLngs()[0].length") > 4
+    assert page.is_visible(f".cell-label:has-text('{CELL} · {cell['scene_count']} scenes')")
+
+    # The XYZ template for QGIS is the global layer (every cell) and it serves this very tile.
+    xyz = page.input_value("#xyz")
+    assert xyz == (f"{viewer.base}/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}.png"
+                   "?layer=composite&percentile=25&mask=scl")
+    z, x, y = tiles[0].url.split("?")[0].removesuffix(".png").split("/")[-3:]
+    r = httpx.get(xyz.format(z=z, x=x, y=y), timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    page.check("#xyz-cell")
+    assert page.input_value("#xyz").startswith(f"{viewer.base}{TILE_PATH}{{z}}/{{x}}/{{y}}.png?")
+    wmts = page.get_attribute("#wmts", "href")
+    assert wmts == f"{viewer.base}/WMTSCapabilities.xml?layer=composite&percentile=25&mask=scl"
+    assert "<Capabilities" in httpx.get(wmts, timeout=30).text
+
+    # The embed snippet: an iframe of /embed with the current view in its hash.
+    embed = page.input_value("#embed")
+    hash_ = page.evaluate("location.hash")
+    assert embed.startswith(f'<iframe src="{viewer.base}/embed{hash_.replace("&", "&amp;")}"')
+    assert embed.endswith("></iframe>")
+    page.click("#copy-embed")
+    assert "Embed code copied" in page.inner_text("#status")
     viewer.assert_clean()
 
 
@@ -188,6 +212,28 @@ def test_controls_request_new_tiles(viewer: Viewer, cell: dict) -> None:
                 page.uncheck(f"#months input[value='{m}']")
     viewer.settle()
 
+    # A date range; the XYZ URL and the permalink follow.
+    start, end = cell["dates"][2], cell["dates"][-3]
+    with page.expect_request(is_tile(f"start={start}", f"end={end}", "months=6,7,8")):
+        page.fill("#start", start)
+        page.fill("#end", end)
+        page.dispatch_event("#end", "change")
+    viewer.settle()
+    assert f"start={start}&end={end}" in page.input_value("#xyz")
+    assert f"start={start}&end={end}" in page.evaluate("location.hash")
+
+    # Composite + hillshade: the composite with the DEM's relief, its strength on a slider.
+    assert not page.is_visible("#hillshade-row")
+    with page.expect_request(is_tile("layer=composite", "percentile=60", "hillshade=0.5")):
+        page.check("input[name=layer][value=hillshade]")
+    assert page.is_visible("#hillshade-row") and not page.is_visible("#no-dem")  # 49NDB has one
+    with page.expect_request(is_tile("layer=composite", "hillshade=0.8", f"start={start}")):
+        page.fill("#hillshade", "0.8")
+        page.dispatch_event("#hillshade", "change")
+    viewer.settle()
+    assert "layer=hillshade&percentile=60&hillshade=0.8" in page.evaluate("location.hash")
+    assert "hillshade=0.8" in page.input_value("#xyz")
+
     first = cell["dates"][0]
     with page.expect_request(is_tile("layer=date", f"date={cell['end']}")):
         page.check("input[name=layer][value=date]")
@@ -195,13 +241,23 @@ def test_controls_request_new_tiles(viewer: Viewer, cell: dict) -> None:
         page.select_option("#date", first)
     viewer.settle()
     assert f"date={first}" in page.evaluate("location.hash")
+    assert "hillshade" not in page.evaluate("location.hash")
+
+    # One scene's cloud probability: a one-cell layer, so is its XYZ URL.
+    with page.expect_request(is_tile("layer=cloud", f"date={first}")):
+        page.check("input[name=layer][value=cloud]")
+    viewer.settle()
+    assert page.is_visible("#cloud-legend") and not page.is_visible("#legend")
+    assert page.input_value("#xyz").startswith(f"{viewer.base}{TILE_PATH}")
+    assert page.is_checked("#xyz-cell") and page.is_disabled("#xyz-cell")
     assert all(r.status == 200 for r in viewer.tiles)
     viewer.assert_clean()
 
 
 def test_permalink_restores_view(viewer: Viewer, cell: dict) -> None:
     lon, lat = cell["center"]
-    viewer.open(f"#map=15/{lat:.5f}/{lon:.5f}&cell={CELL}&layer=count&mask=none&percentile=40")
+    viewer.open(f"#map=15/{lat:.5f}/{lon:.5f}&cell={CELL}&layer=count&mask=none&percentile=40"
+                "&months=1,2,3")
     assert viewer.js("window.clearsky.map.getZoom()") == 15
     center = viewer.js("window.clearsky.map.getCenter()")
     assert math.isclose(center["lat"], lat, abs_tol=1e-4)
@@ -209,9 +265,22 @@ def test_permalink_restores_view(viewer: Viewer, cell: dict) -> None:
     state = viewer.js("window.clearsky.state")
     assert (state["cell"], state["layer"], state["mask"], state["percentile"]) == (
         CELL, "count", "none", 40)
+    assert state["months"] == "1,2,3"
     assert viewer.page.is_checked("input[name=layer][value=count]")
     assert viewer.page.input_value("#mask") == "none"
+    assert not viewer.page.is_checked("#months input[value='4']")
     assert viewer.tiles and all("layer=count" in r.url for r in viewer.tiles)
+
+    # A pasted permalink with the hillshade layer and its strength.
+    n = len(viewer.tiles)
+    with viewer.page.expect_request(lambda r: "hillshade=0.3" in r.url):
+        viewer.page.evaluate(
+            f"location.hash = '#map=15/{lat:.5f}/{lon:.5f}&layer=hillshade&hillshade=0.3'")
+    viewer.settle()
+    assert viewer.js("[window.clearsky.state.layer, window.clearsky.state.hillshade]") == [
+        "hillshade", 0.3]
+    assert viewer.page.input_value("#hillshade") == "0.3"
+    assert all("layer=composite" in r.url for r in viewer.tiles[n:])
 
     # Panning writes the new view back into the hash (a shareable permalink).
     viewer.js(f"window.clearsky.map.setView([{lat + 0.001}, {lon}], 16)")

@@ -84,6 +84,7 @@ class ViewQuery(DefaultDependency):
             rescale=parse_rescale(self.rescale),
             gamma=self.gamma,
             date=self.date,
+            hillshade=self.hillshade,
         )
 
     def as_dict(self, exclude_none: bool = True) -> dict:
