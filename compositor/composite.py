@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit, prange
 
 from compositor.percentile import masked_percentile
 from compositor.stack import CLOUDPROB_SCALE, CLOUDPROB_UNSET
@@ -23,37 +24,64 @@ class CompositeResult:
     fallback: np.ndarray  # bool (H, W) pixels that had fewer than min_clear clear observations
 
 
-def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
-    """Grow a (T, H, W) mask by ``pixels`` in each scene with a square structuring element.
+@njit(parallel=True, cache=True)
+def _dilate_lut(codes, lut, pixels, out):  # pragma: no cover - compiled
+    """out[t] = square dilation (radius ``pixels``) of lut[codes[t]], scene-parallel.
 
-    Separable: OR of shifted views along x, then along y — 4 x ``pixels`` byte-wise ORs over
-    the array, several times faster than scipy's generic maximum_filter on tile-sized stacks.
-    """
-    if pixels <= 0:
-        return mask
-    out = mask.copy()
-    for axis in (-1, -2):
-        src = out.copy()
-        n = src.shape[axis]
-        for k in range(1, min(pixels, n - 1) + 1):
-            lo = [slice(None)] * src.ndim
-            hi = [slice(None)] * src.ndim
-            lo[axis], hi[axis] = slice(k, None), slice(None, n - k)
-            out[tuple(lo)] |= src[tuple(hi)]
-            out[tuple(hi)] |= src[tuple(lo)]
+    Sliding-window counts make the cost independent of the radius: a horizontal pass per row,
+    then a vertical pass that keeps one running count per column (inner loop contiguous)."""
+    T, H, W = codes.shape
+    r = pixels
+    for t in prange(T):
+        horiz = np.zeros((H, W), np.uint8)
+        for y in range(H):
+            run = 0
+            for x in range(min(r, W)):
+                run += lut[codes[t, y, x]]
+            for x in range(W):
+                if x + r < W:
+                    run += lut[codes[t, y, x + r]]
+                if x - r - 1 >= 0:
+                    run -= lut[codes[t, y, x - r - 1]]
+                horiz[y, x] = run > 0
+        col = np.zeros(W, np.int32)
+        for y in range(min(r, H)):
+            col += horiz[y]
+        for y in range(H):
+            if y + r < H:
+                col += horiz[y + r]
+            if y - r - 1 >= 0:
+                col -= horiz[y - r - 1]
+            for x in range(W):
+                out[t, y, x] = col[x] > 0
+
+
+def _lut_mask(codes: np.ndarray, lut: np.ndarray, pixels: int) -> np.ndarray:
+    out = np.empty(codes.shape, bool)
+    _dilate_lut(np.ascontiguousarray(codes, dtype=np.uint8), lut, max(int(pixels), 0), out)
     return out
 
 
-_BAD_LUT = np.zeros(256, bool)
-_BAD_LUT[list(SCL_CLOUD + SCL_SHADOW)] = True
-_NODATA_LUT = np.zeros(256, bool)
-_NODATA_LUT[list(SCL_NODATA)] = True
+_IDENTITY = np.zeros(256, np.uint8)
+_IDENTITY[1:] = 1
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """Grow a (T, H, W) mask by ``pixels`` in each scene (square structuring element)."""
+    if pixels <= 0:
+        return mask
+    return _lut_mask(mask.view(np.uint8), _IDENTITY, pixels)
+
+
+_BAD_LUT = np.zeros(256, np.uint8)
+_BAD_LUT[list(SCL_CLOUD + SCL_SHADOW)] = 1
 
 
 def scl_masks(scl: np.ndarray, dilate_px: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(cloud_or_shadow, nodata) masks from SCL. Only cloud/shadow is dilated: nodata edges are
     exact, clouds have soft edges that SCL draws too tight."""
-    return dilate(_BAD_LUT[scl], dilate_px), _NODATA_LUT[scl]
+    assert SCL_NODATA == (0, 1)  # so nodata is one comparison, not a table look-up
+    return _lut_mask(scl, _BAD_LUT, dilate_px), scl <= 1
 
 
 def prob_masks(cloudprob: np.ndarray, threshold: float, dilate_px: int = 0) -> np.ndarray:

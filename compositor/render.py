@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 
 from compositor.hillshade import blend
@@ -74,3 +77,27 @@ def count_legend(vmax: int, steps: int = 6) -> list[dict]:
         {"value": int(v), "color": "#{:02x}{:02x}{:02x}".format(*c)}
         for v, c in zip(vals, rgb, strict=True)
     ]
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def encode_png(rgb: np.ndarray, valid: np.ndarray | None = None, level: int = 1) -> bytes:
+    """uint8 (3, H, W) (+ validity as alpha) -> PNG bytes.
+
+    The "Up" filter with zlib level 1: ~10x faster than GDAL's PNG driver at its default level
+    on a 256 px tile for ~13 % more bytes — encoding was the largest stage of a cold tile."""
+    h, w = rgb.shape[1:]
+    planes = [rgb] if valid is None else [rgb, (valid.astype(np.uint8) * 255)[None]]
+    px = np.ascontiguousarray(np.concatenate(planes).transpose(1, 2, 0)).reshape(h, -1)
+    up = px.copy()
+    up[1:] -= px[:-1]  # uint8 arithmetic wraps mod 256, exactly PNG's filter rule
+    raw = np.concatenate([np.full((h, 1), 2, np.uint8), up], axis=1)  # filter type 2 = Up
+    color = 6 if valid is not None else 2  # RGBA / RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
+        + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), level))
+        + _png_chunk(b"IEND", b"")
+    )

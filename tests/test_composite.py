@@ -40,3 +40,20 @@ def test_scl_masks_and_dilation():
     assert bad[0, 2:7, 2:7].all() and bad.sum() == 25
     assert nodata[0, 0, 0] and nodata.sum() == 1
     assert np.array_equal(dilate(bad, 0), bad)
+
+
+def test_png_encoder_roundtrips_exactly():
+    import io
+
+    from PIL import Image
+
+    from compositor.render import encode_png
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (3, 37, 53), dtype=np.uint8)
+    valid = rng.random((37, 53)) > 0.3
+    img = np.asarray(Image.open(io.BytesIO(encode_png(rgb, valid))))
+    assert np.array_equal(img[..., :3], rgb.transpose(1, 2, 0))
+    assert np.array_equal(img[..., 3], valid * 255)
+    img = np.asarray(Image.open(io.BytesIO(encode_png(rgb))))
+    assert img.shape == (37, 53, 3) and np.array_equal(img, rgb.transpose(1, 2, 0))

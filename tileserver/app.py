@@ -5,18 +5,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path as FsPath
-from typing import Annotated
+from typing import Annotated, Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pyproj import Transformer
+from rio_tiler.models import ImageData
 from titiler.core.dependencies import DefaultDependency
 from titiler.core.errors import DEFAULT_STATUS_CODES, add_exception_handlers
 from titiler.core.factory import TilerFactory
+from titiler.core.resources.enums import ImageType
+from titiler.core.utils import render_image
 
 from compositor.grid import transform_bounds_to_lonlat
+from compositor.render import encode_png
 from compositor.stack import Stack
 from tileserver.cache import TileCacheMiddleware
 from tileserver.params import ViewQuery
@@ -43,6 +48,17 @@ def cell_stack(
 @dataclass
 class NoParams(DefaultDependency):
     """Replaces titiler's band/expression/nodata options, which do not apply to composites."""
+
+
+def render_tile(
+    image: ImageData, output_format: ImageType | None = None, **kwargs: Any
+) -> tuple[bytes, str]:
+    """PNG through the fast encoder (tiles are rendered uint8 RGB already); other formats
+    through titiler's renderer."""
+    if output_format in (None, ImageType.png):
+        valid = ~np.ma.getmaskarray(image.array)[0]
+        return encode_png(np.asarray(image.array.data), valid), "image/png"
+    return render_image(image, output_format=output_format, **kwargs)
 
 
 class StackTilerFactory(TilerFactory):
@@ -132,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         process_dependency=lambda: None,
         colormap_dependency=lambda: None,
         router_prefix="/cells/{cell}",
+        render_func=render_tile,
         add_viewer=False,
         add_preview=False,
         add_part=False,
@@ -139,6 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(factory.router, prefix="/cells/{cell}", tags=["cells"])
     mosaic = StackTilerFactory(
         name="all",
+        render_func=render_tile,
         reader=CellsMosaicReader,
         path_dependency=all_stacks,
         reader_dependency=ViewQuery,
