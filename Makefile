@@ -45,7 +45,10 @@ test: setup browser lint
 
 bench: setup
 	$(PY) bench/percentile.py
-	$(PY) bench/quality.py
+	$(PY) bench/quality.py --data $(DATA)
+	$(PY) bench/tiles.py
+	$(PY) bench/masks.py
+	$(PY) bench/prefetch.py
 
 clean:
 	rm -rf $(VENV) static/node_modules data/demo
