@@ -316,6 +316,18 @@ class Stack:
             up = np.repeat(np.repeat(prob, f, axis=1), f, axis=2)[:, : lv.height, : lv.width]
             self._array(lv.index, "cloudprob")[index] = up
 
+    def mask_version(self, indices: np.ndarray) -> int:
+        """Changes whenever the cloud probabilities of any of ``indices`` are rewritten (by
+        another process, e.g. `clearsky mask`): keys caches of masks derived from them."""
+        h = 0
+        for t in indices:
+            p = self.path / "L0" / "cloudprob" / "c" / str(int(t)) / "0" / "0" / "0"
+            try:
+                h = hash((h, p.stat().st_mtime_ns))
+            except FileNotFoundError:
+                h = hash((h, 0))
+        return h
+
     # ---------------------------------------------------------------- reading
     def read(
         self,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from affine import Affine
+from cachetools import LRUCache
 from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 
@@ -195,18 +197,67 @@ def composite_window(
     if indices is None:
         indices = stack.complete_indices(params.start, params.end, params.months)
     band_idx = [stack.bands.index(b) for b in (bands or stack.bands)]
-    what = ("reflectance", "scl") + (("cloudprob",) if params.mask == "segformer" else ())
-    data = stack.read(level, window, indices, what, bands=band_idx)
-    clock.lap("read")
     factor = stack.levels[level].factor
     dil = math.ceil(params.dilate / factor) if params.dilate > 0 else 0
-    exclude, loose = _exclusion(data, params, dil)
+    # Masks depend on the window, the scenes and the mask options, not on the percentile or
+    # the display: a user dragging the percentile slider re-uses them.
+    key = (
+        str(stack.path),
+        level,
+        window,
+        indices.tobytes(),
+        params.mask,
+        params.cloud_threshold if params.mask == "segformer" else None,
+        dil,
+        stack.mask_version(indices) if params.mask == "segformer" else None,
+    )
+    masks = MASK_CACHE.get(key)
+    what = (
+        ("reflectance",)
+        if masks
+        else (("reflectance", "scl") + (("cloudprob",) if params.mask == "segformer" else ()))
+    )
+    data = stack.read(level, window, indices, what, bands=band_idx)
+    clock.lap("read")
+    if masks is None:
+        masks = _exclusion(data, params, dil)
+        MASK_CACHE.put(key, masks)
+    exclude, loose = masks
     clock.lap("mask")
     res = composite(
         data["reflectance"], exclude, params.percentile, params.min_clear, loose, stack.nodata
     )
     clock.lap("percentile")
     return res
+
+
+class MaskCache:
+    """Thread-safe LRU of exclusion masks, bounded in bytes (0 disables it)."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20):
+        self.resize(max_bytes)
+
+    def resize(self, max_bytes: int) -> None:
+        self._lock = threading.Lock()
+        self._cache: LRUCache = LRUCache(
+            maxsize=max(max_bytes, 1),
+            getsizeof=lambda v: sum(a.nbytes for a in v if a is not None),
+        )
+        self.enabled = max_bytes > 0
+
+    def get(self, key: tuple) -> tuple[np.ndarray, np.ndarray | None] | None:
+        if not self.enabled:
+            return None
+        with self._lock:
+            return self._cache.get(key)
+
+    def put(self, key: tuple, masks: tuple[np.ndarray, np.ndarray | None]) -> None:
+        if self.enabled:
+            with self._lock:
+                self._cache[key] = masks
+
+
+MASK_CACHE = MaskCache()
 
 
 class _Clock:

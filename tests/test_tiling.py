@@ -85,3 +85,25 @@ def test_zoomed_out_tile_reads_only_the_stack(demo_dir):
         t = TMS.tile(lon, lat, z)
         r = render_area(stack, TMS.rasterio_crs, tuple(TMS.xy_bounds(t)), 256, 256, ViewParams())
         assert r.valid.sum() < 256 * 256 and bool(r.valid.any()) == visible
+
+
+def test_mask_cache_follows_rewritten_cloud_masks(tmp_path):
+    from compositor.demo import build_synthetic
+    from compositor.tiling import MASK_CACHE, composite_window
+
+    st = Stack.open(build_synthetic(tmp_path, seed=3, size=64, n_dates=8), mode="r+")
+    win = (0, 0, 64, 64)
+    params = ViewParams(mask="segformer", dilate=0)
+    idx = st.complete_indices()
+    clear = np.zeros((2, 64, 64), np.uint8)
+    for i in idx:
+        st.write_cloudprob(int(i), clear)
+    a = composite_window(st, 0, win, params).values
+    assert composite_window(st, 0, win, params).values.tobytes() == a.tobytes()  # cached
+    cloudy = np.full((2, 64, 64), 250, np.uint8)
+    cloudy[:, :, :32] = 0  # half of every scene now masked by the model
+    for i in idx[: len(idx) // 2]:
+        st.write_cloudprob(int(i), cloudy)
+    b = composite_window(st, 0, win, params).values
+    assert not np.array_equal(a, b, equal_nan=True)
+    assert MASK_CACHE.enabled

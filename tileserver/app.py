@@ -23,6 +23,7 @@ from titiler.core.utils import render_image
 from compositor.grid import transform_bounds_to_lonlat
 from compositor.render import encode_png
 from compositor.stack import Stack
+from compositor.tiling import MASK_CACHE
 from tileserver.cache import TileCacheMiddleware
 from tileserver.params import ViewQuery
 from tileserver.reader import CellsMosaicReader, StackReader
@@ -130,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
     )
     app.state.settings = settings
+    MASK_CACHE.resize(settings.mask_cache_mb * 2**20)
     app.state.registry = Registry(settings.data_dir)
     log.info(
         "serving %d cells from %s: %s",

@@ -16,6 +16,7 @@ class Settings(BaseSettings):
     port: int = 8000
     workers: int = 1
     tile_cache_mb: int = 256
+    mask_cache_mb: int = 512  # cloud/shadow masks of recent windows (reused across percentiles)
     cors_origins: str = "*"  # comma separated; tiles are meant to be embedded anywhere
     static_dir: Path = Path(__file__).resolve().parent.parent / "static"
 
