@@ -25,7 +25,7 @@ class CompositeResult:
 
 
 @njit(parallel=True, cache=True)
-def _dilate_lut(codes, lut, pixels, out):  # pragma: no cover - compiled
+def _dilate_lut(codes, lut, pixels, out, loose, nodata_max):  # pragma: no cover - compiled
     """out[t] = square dilation (radius ``pixels``) of lut[codes[t]], scene-parallel.
 
     Sliding-window counts make the cost independent of the radius: a horizontal pass per row,
@@ -52,13 +52,21 @@ def _dilate_lut(codes, lut, pixels, out):  # pragma: no cover - compiled
                 col += horiz[y + r]
             if y - r - 1 >= 0:
                 col -= horiz[y - r - 1]
-            for x in range(W):
-                out[t, y, x] = col[x] > 0
+            if nodata_max < 0:
+                for x in range(W):
+                    out[t, y, x] = col[x] > 0
+            else:  # also the exclusion masks: nodata codes, and the undilated (loose) mask
+                for x in range(W):
+                    c = codes[t, y, x]
+                    nd = c <= nodata_max
+                    out[t, y, x] = (col[x] > 0) | nd
+                    loose[t, y, x] = (lut[c] > 0) | nd
 
 
 def _lut_mask(codes: np.ndarray, lut: np.ndarray, pixels: int) -> np.ndarray:
     out = np.empty(codes.shape, bool)
-    _dilate_lut(np.ascontiguousarray(codes, dtype=np.uint8), lut, max(int(pixels), 0), out)
+    c = np.ascontiguousarray(codes, dtype=np.uint8)
+    _dilate_lut(c, lut, max(int(pixels), 0), out, out, -1)
     return out
 
 
@@ -84,6 +92,16 @@ def scl_masks(scl: np.ndarray, dilate_px: int = 0) -> tuple[np.ndarray, np.ndarr
     return _lut_mask(scl, _BAD_LUT, dilate_px), scl <= 1
 
 
+def scl_exclusion(scl: np.ndarray, dilate_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """(strict, loose) exclusion masks from SCL in one pass: strict = cloud/shadow dilated by
+    ``dilate_px`` or nodata; loose = the same undilated (the fallback's mask)."""
+    strict = np.empty(scl.shape, bool)
+    loose = np.empty(scl.shape, bool)
+    c = np.ascontiguousarray(scl, dtype=np.uint8)
+    _dilate_lut(c, _BAD_LUT, max(int(dilate_px), 0), strict, loose, max(SCL_NODATA))
+    return strict, loose
+
+
 def prob_masks(cloudprob: np.ndarray, threshold: float, dilate_px: int = 0) -> np.ndarray:
     """Cloud-or-shadow mask from stored probabilities (T, 2, H, W) uint8; unset counts as clear
     only where nothing was predicted — callers check ``cloudprob_missing`` first."""
@@ -91,6 +109,34 @@ def prob_masks(cloudprob: np.ndarray, threshold: float, dilate_px: int = 0) -> n
     p = cloudprob.max(axis=1)
     bad = (p > t) & (p != CLOUDPROB_UNSET)
     return dilate(bad, dilate_px)
+
+
+@njit(parallel=True, cache=True)
+def _prepare_kernel(band0, exclude, nodata, excl, count, has_data):  # pragma: no cover
+    T, H, W = band0.shape
+    for y in prange(H):
+        n = np.zeros(W, np.uint16)
+        d = np.zeros(W, np.uint8)
+        for t in range(T):
+            for x in range(W):
+                nd = np.uint8(band0[t, y, x] == nodata)
+                e = exclude[t, y, x] | nd
+                excl[t, y, x] = e
+                n[x] += np.uint16(1 - e)
+                d[x] |= 1 - nd
+        count[y] = n
+        has_data[y] = d
+
+
+def _prepare(reflectance: np.ndarray, exclude: np.ndarray, nodata: int):
+    """One pass: (exclusion incl. nodata, clear count, has-any-data)."""
+    T, _, H, W = reflectance.shape
+    excl = np.empty((T, H, W), np.uint8)
+    count = np.empty((H, W), np.uint16)
+    has_data = np.empty((H, W), np.uint8)
+    ex = np.ascontiguousarray(exclude).view(np.uint8)
+    _prepare_kernel(reflectance[:, 0], ex, nodata, excl, count, has_data)
+    return excl.view(bool), count, has_data.view(bool)
 
 
 def composite(
@@ -114,11 +160,8 @@ def composite(
             f"reflectance (T,B,H,W) and exclude (T,H,W) disagree: {reflectance.shape} vs "
             f"{exclude.shape}"
         )
-    nodata_mask = reflectance[:, 0] == nodata
-    excl = exclude | nodata_mask
-    count = (~excl).sum(axis=0).astype(np.uint16)
+    excl, count, has_data = _prepare(reflectance, exclude, nodata)
     values = masked_percentile(reflectance, excl, q)
-    has_data = ~nodata_mask.all(axis=0)
     need = (count < min_clear) & has_data
     fallback = need.copy()
     for loose in ([fallback_exclude] if fallback_exclude is not None else []) + [None]:
@@ -126,7 +169,7 @@ def composite(
             break
         ys, xs = np.nonzero(need)
         sub = reflectance[:, :, ys, xs][:, :, None, :]  # (T, B, 1, N)
-        m = nodata_mask[:, ys, xs]
+        m = sub[:, 0, 0, :] == nodata
         if loose is not None:
             m = m | loose[:, ys, xs]
         enough = (~m).sum(axis=0) >= (min_clear if loose is not None else 1)

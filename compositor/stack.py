@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import zarr
 from affine import Affine
+from numba import njit
 from zarr.codecs import BloscCodec
 
 CHUNK = 256
@@ -357,7 +358,10 @@ class Stack:
                 continue
             sel = list(bands) if name == "reflectance" and bands is not None else None
             lead = (len(indices), *((len(sel),) if sel is not None else arr.shape[1:-2]))
-            buf = np.full((*lead, h, w), arr.fill_value, arr.dtype)
+            whole = rr0 == r0 and cc0 == c0 and rr1 == r0 + h and cc1 == c0 + w
+            # Inside the stack every pixel is written below: skip pre-filling 10s of MB.
+            shape = (*lead, h, w)
+            buf = np.empty(shape, arr.dtype) if whole else np.full(shape, arr.fill_value, arr.dtype)
             if inside and len(indices):
                 dst = buf[..., rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0]
                 if self._shards is not None:
@@ -375,21 +379,48 @@ class Stack:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
 
+@njit(cache=True, nogil=True)
+def _copy_scene(data, offs, bands, chunk, box, fill, dst):  # pragma: no cover - compiled
+    """Copy window ``box`` (rows rr0:rr1, cols cc0:cc1) of one scene shard into dst (B', h, w).
+
+    ``data`` is the shard as a flat typed array, ``offs`` (gy, gx) the item offset of each
+    inner chunk (-1: absent, written as ``fill``), ``bands`` the leading-axis planes to copy.
+    Row slices, not element loops: LLVM turns them into memcpy (2x faster measured)."""
+    rr0, rr1, cc0, cc1 = box
+    plane = chunk * chunk
+    for cy in range(rr0 // chunk, (rr1 - 1) // chunk + 1):
+        y0, y1 = max(rr0, cy * chunk), min(rr1, (cy + 1) * chunk)
+        for cx in range(cc0 // chunk, (cc1 - 1) // chunk + 1):
+            x0, x1 = max(cc0, cx * chunk), min(cc1, (cx + 1) * chunk)
+            off = offs[cy, cx]
+            if off < 0:
+                dst[:, y0 - rr0 : y1 - rr0, x0 - cc0 : x1 - cc0] = fill
+                continue
+            n = x1 - x0
+            for j in range(bands.shape[0]):
+                base = off + bands[j] * plane
+                for y in range(y0, y1):
+                    s0 = base + (y - cy * chunk) * chunk + x0 - cx * chunk
+                    dst[j, y - rr0, x0 - cc0 : x1 - cc0] = data[s0 : s0 + n]
+
+
 class ShardReader:
     """Fast path for local stacks: memory-map each scene's shard and copy just the window.
 
     Shards hold uncompressed inner chunks, so a chunk is a fixed-size run of bytes whose offset
     the shard index (at the end of the file, Zarr v3 sharding spec) gives. zarr-python costs
-    ~0.5 ms of Python per chunk, 200+ ms for a 100-scene tile; this is a memcpy of the window.
+    ~0.5 ms of Python per chunk, 200+ ms for a 100-scene tile; here one compiled call per scene
+    copies the window straight out of the page cache.
     """
 
     def __init__(self, root: Path, stack: Stack):
         self.root = root
         self.stack = stack
-        self._maps: dict[tuple[int, str, int], tuple[int, np.memmap, np.ndarray] | None] = {}
+        self._maps: dict[tuple[int, str, int], tuple[int, np.ndarray, np.ndarray]] = {}
 
-    def _shard(self, level: int, name: str, t: int, lead: tuple[int, ...], grid: tuple[int, int]):
+    def _shard(self, level: int, name: str, t: int, arr: zarr.Array, grid: tuple[int, int]):
         key = (level, name, t)
+        lead = arr.shape[1:-2]
         path = self.root / f"L{level}" / name / "c" / str(t) / "/".join(["0"] * (len(lead) + 2))
         try:
             mtime = path.stat().st_mtime_ns  # cloud masks rewrite a shard: re-map when it changes
@@ -402,7 +433,11 @@ class ShardReader:
         mm = np.memmap(path, dtype=np.uint8, mode="r")
         n = grid[0] * grid[1]
         index = np.frombuffer(mm[-(16 * n + 4) : -4], dtype="<u8").reshape(*grid, 2)
-        hit = (mtime, mm, index)
+        itemsize = arr.dtype.itemsize
+        nbytes = int(np.prod(lead, dtype=np.int64)) * CHUNK * CHUNK * itemsize
+        offs = np.where(index[..., 1] == nbytes, index[..., 0] // itemsize, -1).astype(np.int64)
+        data = np.frombuffer(mm, dtype=arr.dtype, count=(len(mm) - 16 * n - 4) // itemsize)
+        hit = (mtime, data, offs)
         self._maps[key] = hit
         return hit
 
@@ -417,33 +452,26 @@ class ShardReader:
     ) -> None:
         arr = self.stack._array(level, name)
         lead = tuple(arr.shape[1:-2])
-        dtype = arr.dtype
         lv = self.stack.levels[level]
         grid = (-(-lv.height // CHUNK), -(-lv.width // CHUNK))
+        nlead = int(np.prod(lead, dtype=np.int64))
+        planes = np.asarray(bands if bands is not None else range(nlead), dtype=np.int64)
         rr0, rr1, cc0, cc1 = box
-        cys = range(rr0 // CHUNK, (rr1 - 1) // CHUNK + 1)
-        cxs = range(cc0 // CHUNK, (cc1 - 1) // CHUNK + 1)
-        chunk_shape = (*lead, CHUNK, CHUNK)
-        nbytes = int(np.prod(chunk_shape)) * dtype.itemsize
+        # dst is a view (the window's part inside the stack); copy through a contiguous buffer
+        # when it is not one, so the kernel can write plain rows.
+        work = dst if dst.flags.c_contiguous else np.empty(dst.shape, dst.dtype)
+        if not dst.flags.c_contiguous:
+            work[...] = dst
+        w3 = work.reshape(len(indices), len(planes), rr1 - rr0, cc1 - cc0)
+        fill = arr.fill_value
         for k, t in enumerate(indices):
-            hit = self._shard(level, name, int(t), lead, grid)
-            if hit is None:
-                continue  # never written: stays fill value
-            _, mm, index = hit
-            for cy in cys:
-                y0, y1 = max(rr0, cy * CHUNK), min(rr1, (cy + 1) * CHUNK)
-                for cx in cxs:
-                    off, n = index[cy, cx]
-                    if n != nbytes:
-                        continue  # missing chunk (all fill)
-                    x0, x1 = max(cc0, cx * CHUNK), min(cc1, (cx + 1) * CHUNK)
-                    chunk = mm[int(off) : int(off) + nbytes].view(dtype).reshape(chunk_shape)
-                    src = chunk[
-                        ..., y0 - cy * CHUNK : y1 - cy * CHUNK, x0 - cx * CHUNK : x1 - cx * CHUNK
-                    ]
-                    if bands is not None:
-                        src = src[bands]
-                    dst[k, ..., y0 - rr0 : y1 - rr0, x0 - cc0 : x1 - cc0] = src
+            hit = self._shard(level, name, int(t), arr, grid)
+            if hit is None:  # never written
+                w3[k] = fill
+            else:
+                _copy_scene(hit[1], hit[2], planes, CHUNK, box, fill, w3[k])
+        if work is not dst:
+            dst[...] = work
 
 
 def _as_selection(indices: np.ndarray) -> slice | np.ndarray:

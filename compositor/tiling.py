@@ -25,6 +25,7 @@ from compositor.composite import (
     CompositeResult,
     composite,
     prob_masks,
+    scl_exclusion,
     scl_masks,
 )
 from compositor.hillshade import hillshade
@@ -284,9 +285,9 @@ def _exclusion(
     scl = data["scl"]
     if params.mask == "none":
         return np.zeros(scl.shape, bool), None
-    bad_scl, nodata = scl_masks(scl, dil)
     if params.mask == "scl":
-        return bad_scl | nodata, scl_masks(scl, 0)[0] | nodata
+        return scl_exclusion(scl, dil)
+    bad_scl, nodata = scl_masks(scl, dil)
     cp = data["cloudprob"]
     have = cp[:, 0] != CLOUDPROB_UNSET  # scenes/pixels the model has not seen fall back to SCL
     bad = np.where(have, prob_masks(cp, params.cloud_threshold, dil), bad_scl)

@@ -57,3 +57,16 @@ def test_png_encoder_roundtrips_exactly():
     assert np.array_equal(img[..., 3], valid * 255)
     img = np.asarray(Image.open(io.BytesIO(encode_png(rgb))))
     assert img.shape == (37, 53, 3) and np.array_equal(img, rgb.transpose(1, 2, 0))
+
+
+def test_fused_scl_exclusion_equals_the_parts():
+    from compositor.composite import scl_exclusion
+
+    rng = np.random.default_rng(3)
+    scl = rng.choice(np.array([0, 1, 3, 4, 5, 8, 9, 10], np.uint8), (5, 31, 29),
+                     p=[0.05, 0.02, 0.05, 0.5, 0.28, 0.04, 0.03, 0.03])
+    for d in (0, 2):
+        strict, loose = scl_exclusion(scl, d)
+        bad, nodata = scl_masks(scl, d)
+        assert np.array_equal(strict, bad | nodata)
+        assert np.array_equal(loose, scl_masks(scl, 0)[0] | nodata)
