@@ -179,7 +179,9 @@ def test_viewer_shows_composite_tiles(viewer: Viewer, cell: dict) -> None:
     assert embed.startswith(f'<iframe src="{viewer.base}/embed{hash_.replace("&", "&amp;")}"')
     assert embed.endswith("></iframe>")
     page.click("#copy-embed")
-    assert "Embed code copied" in page.inner_text("#status")
+    # The copy is asynchronous (clipboard promise, then the status line).
+    page.wait_for_function(
+        "() => document.querySelector('#status').innerText.includes('Embed code copied')")
     viewer.assert_clean()
 
 
