@@ -60,10 +60,14 @@ def demo(
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port")] = 8000,
+    host: Annotated[
+        str, typer.Option(envvar="CLEARSKY_HOST", help="Interface to listen on")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="CLEARSKY_PORT", help="Port")] = 8000,
     data: DataDir = None,
-    workers: Annotated[int, typer.Option(help="Server worker processes")] = 1,
+    workers: Annotated[
+        int, typer.Option(envvar="CLEARSKY_WORKERS", min=1, help="Server worker processes")
+    ] = 1,
 ) -> None:
     """Serve tiles of every stack in the data directory (and the viewer at /)."""
     import uvicorn
@@ -152,8 +156,12 @@ def train(
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint")] = False,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default)")] = 0,
+    segformer: Annotated[
+        str, typer.Option(help="SegformerConfig overrides as JSON, e.g. '{\"depths\": [1,1,2,2]}'")
+    ] = "",
 ) -> None:
     """Train the cloud/shadow SegFormer on stacks (SCL labels, or synthetic truth where present)."""
+    import json
     import shlex
     import sys
     import tempfile
@@ -183,6 +191,7 @@ def train(
             labels=labels,
             scl_share=scl_share,
             seed=seed,
+            segformer=json.loads(segformer) if segformer else {},
         )
     except ValueError as exc:
         _fail(str(exc))

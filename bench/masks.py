@@ -1,0 +1,278 @@
+"""Cloud mask benchmark: the SegFormer vs Sen2Cor's SCL, on truth, on real data, speed, composite.
+
+    .venv/bin/python bench/masks.py [--model PATH] [--size 1024] [--dates 64] [--json]
+
+1. Synthetic cell (seed 0, the demo cell; never trained on) against its true cloud and shadow
+   masks: precision, recall, F1, IoU of the model and of the SCL, at 20 m (the level the mask
+   step writes; truth OR-pooled like the stack pools SCL) and at 10 m (the stored 20 m
+   probabilities as the composite sees them at 10 m, nearest-upsampled).
+2. Real Romania cube, the dates the model held out: agreement with SCL (no truth exists there).
+3. CPU speed: seconds per megapixel, and the time for a full 5490 x 5490 scene at 20 m,
+   extrapolated from a smaller run unless --full-scene.
+4. Composite residual cloud/shadow against the true clear-sky composite with mask=none/scl/
+   segformer (compositor.quality.composite_scores).
+
+Classes are the argmax of (clear, cloud, shadow) probabilities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from compositor.masks.scl import CLASSES, IGNORE, scl_to_labels, truth_to_labels  # noqa: E402
+from compositor.masks.train import confusion, scores_from_confusion  # noqa: E402
+from compositor.stack import CLOUDPROB_SCALE, Stack  # noqa: E402
+
+SCENE_20M = 5490  # pixels per side of a 109.8 km Sentinel-2 tile at 20 m
+DEFAULT_ROMANIA = ROOT.parent / "shared/data/nrt-romania/sentinel2_cube_subset_romania_10m.nc"
+
+
+def labels_from_prob(cp: np.ndarray) -> np.ndarray:
+    """uint8 stored probabilities (T, 2, H, W) -> argmax labels (T, H, W)."""
+    c = cp[:, 0].astype(np.int16)
+    s = cp[:, 1].astype(np.int16)
+    clear = int(CLOUDPROB_SCALE) - c - s
+    out = np.zeros(c.shape, np.uint8)
+    out[(c >= s) & (c > clear)] = 1
+    out[(s > c) & (s > clear)] = 2
+    return out
+
+
+def any2x2(a: np.ndarray) -> np.ndarray:
+    h, w = a.shape[-2:]
+    p = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, h % 2), (0, w % 2)])
+    return p[..., ::2, ::2] | p[..., 1::2, ::2] | p[..., ::2, 1::2] | p[..., 1::2, 1::2]
+
+
+def class_scores(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    cm = np.zeros((3, 3), np.int64)
+    for t in range(pred.shape[0]):
+        cm += confusion(pred[t], target[t])
+    return scores_from_confusion(cm)
+
+
+def synthetic_eval(
+    stack_path: Path, level: int, model: Any
+) -> tuple[dict[str, dict[str, float]], float]:
+    """Scores of model and SCL against the truth at ``level`` and at 10 m."""
+    from compositor.demo import read_truth
+    from compositor.masks.predict import mask_stack
+
+    rep = mask_stack(stack_path, level=level, model=model, progress=False)
+    stack = Stack.open(stack_path)
+    idx = stack.complete_indices()
+    truth = read_truth(stack_path)
+    out: dict[str, dict[str, float]] = {}
+    for lv in sorted({0, level}):
+        L = stack.levels[lv]
+        data = stack.read(lv, (0, 0, L.height, L.width), idx, ("scl", "cloudprob"))
+        cloud, shadow = truth["cloud"][idx], truth["shadow"][idx]
+        for _ in range(lv):
+            cloud, shadow = any2x2(cloud), any2x2(shadow)
+        target = truth_to_labels(cloud, shadow)
+        target[data["scl"] == 0] = IGNORE  # no data: neither truth nor SCL say anything
+        res = f"{10 * 2**lv} m"
+        scl = scl_to_labels(data["scl"])
+        scl[scl == IGNORE] = 0
+        out[f"SCL @ {res}"] = class_scores(scl, target)
+        out[f"model @ {res}"] = class_scores(labels_from_prob(data["cloudprob"]), target)
+    return out, rep.seconds
+
+
+def real_eval(stack_path: Path, model: Any, heldout: list[str] | None) -> dict[str, Any]:
+    from compositor.masks.predict import mask_stack
+
+    rep = mask_stack(stack_path, model=model, progress=False)
+    stack = Stack.open(stack_path)
+    idx = stack.complete_indices()
+    if heldout:
+        idx = np.asarray([i for i in idx if stack.scenes[i].datetime[:10] in set(heldout)])
+    L = stack.levels[rep.level]
+    data = stack.read(rep.level, (0, 0, L.height, L.width), idx, ("scl", "cloudprob"))
+    pred = labels_from_prob(data["cloudprob"])
+    s: dict[str, Any] = class_scores(pred, scl_to_labels(data["scl"]))
+    # Thin cirrus (10) is found by Sen2Cor in band B10, which the model does not get: score
+    # again with those pixels left out to see how much of the disagreement it is.
+    no_cirrus = scl_to_labels(data["scl"])
+    no_cirrus[data["scl"] == 10] = IGNORE
+    s["without_cirrus"] = class_scores(pred, no_cirrus)
+    s["dates"] = float(len(idx))
+    s["level"] = float(rep.level)
+    return s
+
+
+def speed(model: Any, side: int, full: bool) -> dict[str, float]:
+    import torch
+
+    from compositor.masks.predict import cloud_probabilities
+    from compositor.synthetic import make_synthetic
+
+    # A real-looking scene (synthetic clouds over land) tiled up to the measured size.
+    syn = make_synthetic(seed=3, size=512, n_dates=1)
+    base = syn.reflectance[0].astype(np.float32) / 10000.0
+    n = SCENE_20M if full else side
+    reps = -(-n // 512)
+    x = np.tile(base, (1, reps, reps))[:, :n, :n].copy()
+    cloud_probabilities(x[:, :512, :512], model)  # warm-up: first call allocates / picks kernels
+    load = os.getloadavg()[0]
+    t, c = time.perf_counter(), time.process_time()
+    cloud_probabilities(x, model)
+    sec, cpu = time.perf_counter() - t, time.process_time() - c
+    mpx = n * n / 1e6
+    per = sec / mpx
+    return {
+        "threads": float(torch.get_num_threads()),
+        "load_average_1min": load,  # other processes on the machine slow the wall clock
+        "measured_side_px": float(n),
+        "measured_seconds": sec,
+        "cpu_seconds": cpu,  # summed over threads: what the run costs on an idle machine
+        "seconds_per_mpx": per,
+        "cpu_seconds_per_mpx": cpu / mpx,
+        "scene_20m_seconds": sec if full else per * SCENE_20M**2 / 1e6,
+        "scene_20m_cpu_seconds": cpu * SCENE_20M**2 / 1e6 / mpx,
+        "scene_20m_extrapolated": float(not full),
+    }
+
+
+def composite_eval(stack_path: Path) -> dict[str, dict[str, Any]]:
+    from compositor.demo import read_truth
+    from compositor.quality import composite_scores
+    from compositor.tiling import ViewParams, composite_window
+
+    stack = Stack.open(stack_path)
+    ref = read_truth(stack_path)["composite"]
+    out = {}
+    for mask in ("none", "scl", "segformer"):
+        t = time.perf_counter()
+        res = composite_window(stack, 0, (0, 0, stack.height, stack.width), ViewParams(mask=mask))
+        s = composite_scores(res.values, ref, stack.bands)
+        s["seconds"] = time.perf_counter() - t
+        out[mask] = s
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", help="model .safetensors (default: the shipped one)")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic seed (never trained on)")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--dates", type=int, default=64)
+    ap.add_argument("--level", type=int, default=1, help="level the masks are predicted at")
+    ap.add_argument("--romania", default=os.environ.get("CLEARSKY_ROMANIA_NC", DEFAULT_ROMANIA))
+    ap.add_argument("--speed-side", type=int, default=2048, help="side of the timed array (px)")
+    ap.add_argument("--full-scene", action="store_true", help="time a real 5490 x 5490 array")
+    ap.add_argument("--work", help="directory for the evaluation stacks (default: temporary)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = ap.parse_args(argv)
+
+    from compositor.demo import build_real, build_synthetic
+    from compositor.masks.model import load_model
+
+    model = load_model(args.model)
+    meta = model.meta
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-masks-"))
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"model": model.source, "parameters": model.n_parameters}
+    trained_seeds = {d.get("source") for d in meta.get("data", [])}
+    if any(f"seed={args.seed})" in (s or "") for s in trained_seeds):
+        print(f"WARNING: the model was trained on synthetic seed {args.seed}", file=sys.stderr)
+
+    # 1. synthetic truth
+    t = time.perf_counter()
+    syn_dir = work / f"synthetic-{args.seed}-{args.size}-{args.dates}"
+    syn_dir.mkdir(exist_ok=True)
+    syn = build_synthetic(syn_dir, seed=args.seed, size=args.size, n_dates=args.dates)
+    build_s = time.perf_counter() - t
+    scores, mask_s = synthetic_eval(syn, args.level, model)
+    result["synthetic"] = {
+        "seed": args.seed,
+        "size": args.size,
+        "dates": args.dates,
+        "scores": scores,
+        "mask_seconds": mask_s,
+        "build_seconds": build_s,
+    }
+    print(
+        f"\nSynthetic cell seed={args.seed} {args.size}x{args.size} px x {args.dates} dates "
+        f"vs TRUE masks (masks predicted at level {args.level}, {mask_s:.1f} s)"
+    )
+    print(
+        f"{'':16} {'cloud P':>8} {'R':>6} {'F1':>6} {'IoU':>6}   "
+        f"{'shadow P':>8} {'R':>6} {'F1':>6} {'IoU':>6}"
+    )
+    for name, s in scores.items():
+        print(
+            f"{name:16} "
+            + " ".join(f"{s[f'cloud_{m}']:>6.3f}" for m in ("precision", "recall", "f1", "iou"))
+            + "   "
+            + " ".join(f"{s[f'shadow_{m}']:>6.3f}" for m in ("precision", "recall", "f1", "iou"))
+        )
+
+    # 2. real Romania, held-out dates
+    nc = Path(args.romania)
+    if nc.is_file():
+        os.environ["CLEARSKY_ROMANIA_NC"] = str(nc)
+        real_dir = work / "real"
+        real_dir.mkdir(exist_ok=True)
+        real = build_real(real_dir, real_dir / ".cache")
+        heldout = next(
+            (d["val_dates"] for d in meta.get("data", []) if d.get("kind") == "real"), None
+        )
+        r = real_eval(real, model, heldout)
+        r["heldout_only"] = heldout is not None
+        result["real"] = r
+        which = "held-out dates" if heldout else "ALL dates (model has no held-out record)"
+        print(
+            f"\nReal Romania cube ({which}: {int(r['dates'])}), agreement with SCL "
+            f"(level {int(r['level'])})"
+        )
+        for name, sc in (("all SCL classes", r), ("cirrus (10) left out", r["without_cirrus"])):
+            print(
+                f"{name:22} balanced accuracy {sc['balanced_accuracy']:.3f}  "
+                + "  ".join(f"{c} F1 {sc[f'{c}_f1']:.3f}" for c in CLASSES)
+            )
+    else:
+        print(f"\n(real cube {nc} absent: skipped)")
+
+    # 3. speed
+    sp = speed(model, args.speed_side, args.full_scene)
+    result["speed"] = sp
+    label = "measured" if args.full_scene else "EXTRAPOLATED"
+    print(
+        f"\nCPU speed ({int(sp['threads'])} threads, load average {sp['load_average_1min']:.1f}): "
+        f"{sp['seconds_per_mpx']:.3f} s/Mpx wall, {sp['cpu_seconds_per_mpx']:.3f} CPU-s/Mpx "
+        f"({int(sp['measured_side_px'])}^2 px in {sp['measured_seconds']:.1f} s)\n"
+        f"full {SCENE_20M}x{SCENE_20M} scene at 20 m: {sp['scene_20m_seconds']:.1f} s wall, "
+        f"{sp['scene_20m_cpu_seconds']:.1f} CPU-s ({label})"
+    )
+
+    # 4. composite
+    comp = composite_eval(syn)
+    result["composite"] = comp
+    print("\nComposite (10 m, 25th percentile) vs the true clear-sky composite")
+    print(f"{'mask':10} {'resid cloud':>12} {'resid shadow':>13} {'RMSE B04':>9} {'seconds':>8}")
+    for m, s in comp.items():
+        print(
+            f"{m:10} {s['residual_cloud']:>12.4f} {s['residual_shadow']:>13.4f} "
+            f"{s['rmse']['B04']:>9.4f} {s['seconds']:>8.1f}"
+        )
+
+    if args.json:
+        print(json.dumps(result, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
