@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path as FsPath
 from typing import Annotated, Any
 
+import morecantile
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,7 +27,7 @@ from titiler.core.utils import render_image
 from compositor.grid import transform_bounds_to_lonlat
 from compositor.render import encode_png
 from compositor.stack import Stack
-from compositor.tiling import MASK_CACHE
+from compositor.tiling import MASK_CACHE, NoData, ViewParams, render_area
 from tileserver.cache import TileCacheMiddleware
 from tileserver.params import ViewQuery
 from tileserver.reader import CellsMosaicReader, StackReader
@@ -123,9 +127,38 @@ def cell_summary(stack: Stack) -> dict:
     }
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def warm_up(registry: Registry) -> None:
+    """Render one tile per layer kind before serving: the numba kernels compile (or load from
+    their on-disk cache) here, not inside a user's first tile request."""
+    stacks = registry.stacks()
+    if not stacks:
+        return
+    t0 = time.perf_counter()
+    st = stacks[0]
+    tms = morecantile.tms.get("WebMercatorQuad")
+    lon, lat = cell_summary(st)["center"]
+    tile = tms.tile(lon, lat, 13)
+    bounds = tuple(tms.xy_bounds(tile))
+    for layer in ("composite", "count"):
+        try:
+            r = render_area(st, tms.rasterio_crs, bounds, 256, 256, ViewParams(layer=layer))
+            encode_png(r.rgb, r.valid)
+        except NoData:
+            pass
+    log.info("kernels ready in %.1f s", time.perf_counter() - t0)
+
+
+def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
     settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if warm:
+            await asyncio.to_thread(warm_up, app.state.registry)
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="ClearSky",
         description="Cloud-free Sentinel-2 tiles composited on demand. " + ATTRIBUTION + ".",
         version="0.1.0",
