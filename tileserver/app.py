@@ -173,36 +173,25 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
         ", ".join(app.state.registry.ids()),
     )
 
-    factory = StackTilerFactory(
-        reader=StackReader,
-        path_dependency=cell_stack,
+    # Same dependencies for both layers: composite options in, no titiler band/expression ones.
+    common = dict(
         reader_dependency=ViewQuery,
         layer_dependency=NoParams,
         dataset_dependency=NoParams,
         tile_dependency=NoParams,
         process_dependency=lambda: None,
         colormap_dependency=lambda: None,
-        router_prefix="/cells/{cell}",
         render_func=render_tile,
         add_viewer=False,
         add_preview=False,
         add_part=False,
     )
+    factory = StackTilerFactory(
+        reader=StackReader, path_dependency=cell_stack, router_prefix="/cells/{cell}", **common
+    )
     app.include_router(factory.router, prefix="/cells/{cell}", tags=["cells"])
     mosaic = StackTilerFactory(
-        name="all",
-        render_func=render_tile,
-        reader=CellsMosaicReader,
-        path_dependency=all_stacks,
-        reader_dependency=ViewQuery,
-        layer_dependency=NoParams,
-        dataset_dependency=NoParams,
-        tile_dependency=NoParams,
-        process_dependency=lambda: None,
-        colormap_dependency=lambda: None,
-        add_viewer=False,
-        add_preview=False,
-        add_part=False,
+        name="all", reader=CellsMosaicReader, path_dependency=all_stacks, **common
     )
     app.include_router(mosaic.router, tags=["all cells"])
     add_exception_handlers(app, DEFAULT_STATUS_CODES)
