@@ -46,29 +46,40 @@ def _pad_to(a: np.ndarray, top: int, left: int, height: int, width: int) -> np.n
     return np.pad(a, pad, mode="symmetric")
 
 
+def _starts(n: int, tile: int) -> list[int]:
+    """Tile origins along one axis: the last tile is moved back to end at the edge, so no tile
+    is a thin sliver with little context (cores may overlap; they agree closely)."""
+    if n <= tile:
+        return [0]
+    return [*range(0, n - tile, tile), n - tile]
+
+
 @torch.inference_mode()
 def _predict_array(model: CloudMaskModel, x: np.ndarray, tile: int, margin: int) -> np.ndarray:
-    """Softmax probabilities (3, H, W) of reflectance ``x`` (4, H, W), tile by tile."""
+    """Softmax probabilities (3, H, W) of reflectance ``x`` (4, H, W), tile by tile: cores of
+    ``tile`` px, each predicted with ``margin`` px of context around it."""
     _, h, w = x.shape
     device = next(model.parameters()).device
     align, min_side = model.align, model.min_input
     out = np.empty((3, h, w), np.float32)
-    # Small images: one tile; large: cores of ``tile`` px with ``margin`` px of context.
-    core_h, core_w = min(tile, h), min(tile, w)
-    for r0 in range(0, h, core_h):
-        for c0 in range(0, w, core_w):
-            r1, c1 = min(r0 + core_h, h), min(c0 + core_w, w)
-            top, left = min(margin, r0), min(margin, c0)
-            rr0, cc0 = r0 - top, c0 - left
-            rr1, cc1 = min(r1 + margin, h), min(c1 + margin, w)
-            win = x[:, rr0:rr1, cc0:cc1]
-            ph = max(-(-win.shape[1] // align) * align, min_side)
-            pw = max(-(-win.shape[2] // align) * align, min_side)
-            if (ph, pw) != win.shape[1:]:
-                win = _pad_to(win, 0, 0, ph, pw)
-            t = torch.from_numpy(np.ascontiguousarray(win))[None].to(device)
-            p = torch.softmax(model(t), dim=1)[0].cpu().numpy()
-            out[:, r0:r1, c0:c1] = p[:, top : top + (r1 - r0), left : left + (c1 - c0)]
+    was_training = model.training
+    model.eval()  # dropout off, batch-norm running statistics
+    try:
+        for r0 in _starts(h, tile):
+            for c0 in _starts(w, tile):
+                r1, c1 = min(r0 + tile, h), min(c0 + tile, w)
+                top, left = min(margin, r0), min(margin, c0)
+                rr1, cc1 = min(r1 + margin, h), min(c1 + margin, w)
+                win = x[:, r0 - top : rr1, c0 - left : cc1]
+                ph = max(-(-win.shape[1] // align) * align, min_side)
+                pw = max(-(-win.shape[2] // align) * align, min_side)
+                if (ph, pw) != win.shape[1:]:
+                    win = _pad_to(win, 0, 0, ph, pw)
+                t = torch.from_numpy(np.ascontiguousarray(win))[None].to(device)
+                p = torch.softmax(model(t), dim=1)[0].cpu().numpy()
+                out[:, r0:r1, c0:c1] = p[:, top : top + (r1 - r0), left : left + (c1 - c0)]
+    finally:
+        model.train(was_training)
     return out
 
 
