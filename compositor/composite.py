@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from compositor.percentile import masked_percentile
+from compositor.percentile import SOURCE_MIN_WIDTH, Source, quantile_fraction, run_source
 from compositor.stack import CLOUDPROB_SCALE, CLOUDPROB_UNSET
 
 # Sentinel-2 L2A Scene Classification codes.
@@ -24,82 +24,74 @@ class CompositeResult:
     fallback: np.ndarray  # bool (H, W) pixels that had fewer than min_clear clear observations
 
 
+STRICT, LOOSE = 1, 2  # bits of a packed mask: the exclusion mask, the fallback's looser one
+
+
 @njit(parallel=True, cache=True)
-def _dilate_lut(codes, lut, pixels, out, loose, nodata_max):  # pragma: no cover - compiled
-    """out[t] = square dilation (radius ``pixels``) of lut[codes[t]], scene-parallel.
+def _mask_bits(codes, badbits, r, nodata_max, out):  # pragma: no cover - compiled
+    """Packed exclusion masks per scene, from class codes (T, H, W) uint8:
 
-    Sliding-window counts make the cost independent of the radius: a horizontal pass per row,
-    then a vertical pass that keeps one running count per column (inner loop contiguous)."""
+    bad = bit ``code`` of ``badbits`` (codes >= 31 are never bad), nd = code <= nodata_max;
+    out = STRICT * (bad dilated by a (2r+1)^2 square | nd) + LOOSE * (bad | nd).
+    The dilation is separable, each pass an OR of 2r+1 shifted rows, loops over x innermost
+    so they vectorise."""
     T, H, W = codes.shape
-    r = pixels
+    n = 2 * r + 1
     for t in prange(T):
-        horiz = np.zeros((H, W), np.uint8)
+        bad = np.zeros((H, W + 2 * r), np.uint8)  # zero-padded left and right
+        horiz = np.zeros((H + 2 * r, W), np.uint8)  # zero-padded top and bottom
         for y in range(H):
-            run = 0
-            for x in range(min(r, W)):
-                run += lut[codes[t, y, x]]
             for x in range(W):
-                if x + r < W:
-                    run += lut[codes[t, y, x + r]]
-                if x - r - 1 >= 0:
-                    run -= lut[codes[t, y, x - r - 1]]
-                horiz[y, x] = run > 0
-        col = np.zeros(W, np.int32)
-        for y in range(min(r, H)):
-            col += horiz[y]
+                c = np.uint32(min(codes[t, y, x], 31))
+                bad[y, x + r] = np.uint8((badbits >> c) & 1)
+            for d in range(n):
+                for x in range(W):
+                    horiz[y + r, x] |= bad[y, x + d]
+        acc = np.empty(W, np.uint8)
         for y in range(H):
-            if y + r < H:
-                col += horiz[y + r]
-            if y - r - 1 >= 0:
-                col -= horiz[y - r - 1]
-            if nodata_max < 0:
+            acc[:] = 0
+            for d in range(n):
                 for x in range(W):
-                    out[t, y, x] = col[x] > 0
-            else:  # also the exclusion masks: nodata codes, and the undilated (loose) mask
-                for x in range(W):
-                    c = codes[t, y, x]
-                    nd = c <= nodata_max
-                    out[t, y, x] = (col[x] > 0) | nd
-                    loose[t, y, x] = (lut[c] > 0) | nd
+                    acc[x] |= horiz[y + d, x]
+            for x in range(W):
+                nd = np.uint8(np.int64(codes[t, y, x]) <= nodata_max)
+                out[t, y, x] = (acc[x] | nd) | ((bad[y, x + r] | nd) << 1)
 
 
-def _lut_mask(codes: np.ndarray, lut: np.ndarray, pixels: int) -> np.ndarray:
-    out = np.empty(codes.shape, bool)
+def _bits(codes: np.ndarray, bad_codes: tuple[int, ...], pixels: int, nodata_max: int):
+    out = np.empty(codes.shape, np.uint8)
+    badbits = np.uint32(sum(1 << c for c in bad_codes if c < 31))
     c = np.ascontiguousarray(codes, dtype=np.uint8)
-    _dilate_lut(c, lut, max(int(pixels), 0), out, out, -1)
+    _mask_bits(c, badbits, max(int(pixels), 0), nodata_max, out)
     return out
-
-
-_IDENTITY = np.zeros(256, np.uint8)
-_IDENTITY[1:] = 1
 
 
 def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
     """Grow a (T, H, W) mask by ``pixels`` in each scene (square structuring element)."""
     if pixels <= 0:
         return mask
-    return _lut_mask(mask.view(np.uint8), _IDENTITY, pixels)
+    return (_bits(mask.view(np.uint8), (1,), pixels, -1) & STRICT).view(bool)
 
 
-_BAD_LUT = np.zeros(256, np.uint8)
-_BAD_LUT[list(SCL_CLOUD + SCL_SHADOW)] = 1
+def scl_bits(scl: np.ndarray, dilate_px: int) -> np.ndarray:
+    """Packed exclusion masks from SCL in one pass: STRICT = cloud/shadow dilated by
+    ``dilate_px`` or nodata; LOOSE = the same undilated (the fallback's mask). Only
+    cloud/shadow is dilated: nodata edges are exact, clouds have soft edges that SCL draws
+    too tight."""
+    assert SCL_NODATA == (0, 1)  # so nodata is one comparison, not a table look-up
+    return _bits(scl, SCL_CLOUD + SCL_SHADOW, dilate_px, max(SCL_NODATA))
 
 
 def scl_masks(scl: np.ndarray, dilate_px: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(cloud_or_shadow, nodata) masks from SCL. Only cloud/shadow is dilated: nodata edges are
-    exact, clouds have soft edges that SCL draws too tight."""
-    assert SCL_NODATA == (0, 1)  # so nodata is one comparison, not a table look-up
-    return _lut_mask(scl, _BAD_LUT, dilate_px), scl <= 1
+    """(cloud_or_shadow dilated, nodata) masks from SCL."""
+    bad = _bits(scl, SCL_CLOUD + SCL_SHADOW, dilate_px, -1) & STRICT
+    return bad.view(bool), scl <= 1
 
 
 def scl_exclusion(scl: np.ndarray, dilate_px: int) -> tuple[np.ndarray, np.ndarray]:
-    """(strict, loose) exclusion masks from SCL in one pass: strict = cloud/shadow dilated by
-    ``dilate_px`` or nodata; loose = the same undilated (the fallback's mask)."""
-    strict = np.empty(scl.shape, bool)
-    loose = np.empty(scl.shape, bool)
-    c = np.ascontiguousarray(scl, dtype=np.uint8)
-    _dilate_lut(c, _BAD_LUT, max(int(dilate_px), 0), strict, loose, max(SCL_NODATA))
-    return strict, loose
+    """``scl_bits`` as two bool masks (strict, loose)."""
+    bits = scl_bits(scl, dilate_px)
+    return (bits & STRICT).view(bool), ((bits & LOOSE) >> 1).view(bool)
 
 
 def prob_masks(cloudprob: np.ndarray, threshold: float, dilate_px: int = 0) -> np.ndarray:
@@ -109,34 +101,6 @@ def prob_masks(cloudprob: np.ndarray, threshold: float, dilate_px: int = 0) -> n
     p = cloudprob.max(axis=1)
     bad = (p > t) & (p != CLOUDPROB_UNSET)
     return dilate(bad, dilate_px)
-
-
-@njit(parallel=True, cache=True)
-def _prepare_kernel(band0, exclude, nodata, excl, count, has_data):  # pragma: no cover
-    T, H, W = band0.shape
-    for y in prange(H):
-        n = np.zeros(W, np.uint16)
-        d = np.zeros(W, np.uint8)
-        for t in range(T):
-            for x in range(W):
-                nd = np.uint8(band0[t, y, x] == nodata)
-                e = exclude[t, y, x] | nd
-                excl[t, y, x] = e
-                n[x] += np.uint16(1 - e)
-                d[x] |= 1 - nd
-        count[y] = n
-        has_data[y] = d
-
-
-def _prepare(reflectance: np.ndarray, exclude: np.ndarray, nodata: int):
-    """One pass: (exclusion incl. nodata, clear count, has-any-data)."""
-    T, _, H, W = reflectance.shape
-    excl = np.empty((T, H, W), np.uint8)
-    count = np.empty((H, W), np.uint16)
-    has_data = np.empty((H, W), np.uint8)
-    ex = np.ascontiguousarray(exclude).view(np.uint8)
-    _prepare_kernel(reflectance[:, 0], ex, nodata, excl, count, has_data)
-    return excl.view(bool), count, has_data.view(bool)
 
 
 def composite(
@@ -160,21 +124,54 @@ def composite(
             f"reflectance (T,B,H,W) and exclude (T,H,W) disagree: {reflectance.shape} vs "
             f"{exclude.shape}"
         )
-    excl, count, has_data = _prepare(reflectance, exclude, nodata)
-    values = masked_percentile(reflectance, excl, q)
-    need = (count < min_clear) & has_data
-    fallback = need.copy()
-    for loose in ([fallback_exclude] if fallback_exclude is not None else []) + [None]:
+    masks = pack_masks(exclude, fallback_exclude)
+    return composite_source(reflectance, masks, q, min_clear, nodata, fallback_exclude is not None)
+
+
+def pack_masks(exclude: np.ndarray, fallback_exclude: np.ndarray | None = None) -> np.ndarray:
+    """One uint8 (T, H, W) array of mask bits (STRICT, LOOSE): one pass over it per kernel run."""
+    bits = np.ascontiguousarray(exclude, dtype=bool).view(np.uint8).copy()
+    if fallback_exclude is not None:
+        bits |= np.ascontiguousarray(fallback_exclude, dtype=bool).view(np.uint8) << 1
+    return bits
+
+
+def composite_source(
+    src: Source | np.ndarray,
+    masks: np.ndarray,
+    q: float = 25.0,
+    min_clear: int = 1,
+    nodata: int = 0,
+    loose: bool = True,
+) -> CompositeResult:
+    """``composite`` of observations read in place (a Source: no copy of the stack window)
+    or of a uint16 (T, B, H, W) array.
+
+    ``masks``: uint8 (T, H, W) bits, STRICT = excluded, LOOSE = excluded by the fallback's
+    looser mask (used if ``loose``). Observations equal to ``nodata`` count as missing in every
+    pass. Pixels with fewer than ``min_clear`` clear observations are recomputed, and only
+    they, with the looser mask and then with every observation that has data."""
+    if isinstance(src, np.ndarray):
+        w = src.shape[-1]
+        if w < SOURCE_MIN_WIDTH:  # narrower than the kernel's block: pad with nodata, crop
+            pad = ((0, 0), (0, 0), (0, 0), (0, SOURCE_MIN_WIDTH - w))
+            refl = np.pad(src, pad, constant_values=nodata)
+            m = np.pad(masks, pad[1:], constant_values=STRICT | LOOSE)
+            r = composite_source(refl, m, q, min_clear, nodata, loose)
+            return CompositeResult(r.values[..., :w], r.count[..., :w], r.fallback[..., :w])
+        src = Source.from_array(np.ascontiguousarray(src, dtype=np.uint16))
+    qf = [quantile_fraction(q)]
+    vals, count = run_source(src, masks, qf, nodata=nodata, count=True, mask_bits=STRICT)
+    values = vals[0]
+    need = count < min_clear
+    fallback = np.zeros(need.shape, bool)
+    passes = ([(LOOSE, min_clear)] if loose else []) + [(0, 1)]
+    for bits, enough in passes:
         if not need.any():
             break
-        ys, xs = np.nonzero(need)
-        sub = reflectance[:, :, ys, xs][:, :, None, :]  # (T, B, 1, N)
-        m = sub[:, 0, 0, :] == nodata
-        if loose is not None:
-            m = m | loose[:, ys, xs]
-        enough = (~m).sum(axis=0) >= (min_clear if loose is not None else 1)
-        v = masked_percentile(sub, m[:, None, :], q)[:, 0, :]
-        ok = ys[enough], xs[enough]
-        values[:, ok[0], ok[1]] = v[:, enough]
-        need[ok] = False
+        v, c = run_source(src, masks, qf, nodata, active=need, count=True, mask_bits=bits)
+        ok = need & (c >= enough)
+        values[:, ok] = v[0][:, ok]
+        fallback |= ok
+        need &= ~ok
     return CompositeResult(values=values, count=count, fallback=fallback)

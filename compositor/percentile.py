@@ -25,6 +25,7 @@ in memory, so the copy loop prefetches a few rows ahead.
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 
 import numpy as np
 from llvmlite import ir
@@ -32,11 +33,20 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["kersten_percentile", "masked_percentile", "masked_percentile_many"]
+__all__ = [
+    "SOURCE_MIN_WIDTH",
+    "Source",
+    "kersten_percentile",
+    "masked_percentile",
+    "masked_percentile_many",
+    "quantile_fraction",
+    "run_source",
+]
 
 # Pixels per block: a multiple of LLVM's vectorised loop body (4 x 16 int16 lanes) so the
 # hot loops have no scalar remainder; 128 amortises the per-block work best.
 _LANES = 128
+SOURCE_MIN_WIDTH = _LANES  # a Source window is at least one block wide
 # Rows of the buffer counted per inner iteration (amortises the counter load/store).
 _UNROLL = 4
 # Rows prefetched ahead in the copy loop.
@@ -55,7 +65,9 @@ _u = np.uint64  # unsigned indices: numba emits no negative-index wraparound, lo
 # Slots of the per-lane state array. One allocation, constant offsets: LLVM can prove the
 # lane loops free of aliasing and vectorises them without runtime checks (with separate
 # arrays it gives up past 8 pointer checks and emits scalar code).
-_N, _LO, _HI, _VA, _VB, _MID, _CNT, _LIM = (_u(i * _LANES) for i in range(8))
+# _RAW holds the current row's values as copied in (uint16 bits), _MSK its mask (0/1).
+_N, _LO, _HI, _VA, _VB, _MID, _CNT, _LIM, _RAW, _MSK = (_u(i * _LANES) for i in range(10))
+_SLOTS = 10
 
 
 @intrinsic
@@ -79,36 +91,104 @@ def _prefetch(typingctx, arr, idx):
     return types.void(arr, idx), codegen
 
 
+@intrinsic
+def _copy_in(typingctx, dst, start, addr, count):
+    """``dst[start : start + count] = ((uint16 *) addr)[:count]`` as one llvm.memcpy: the
+    source is memory the caller keeps alive (see Source). A memcpy, not a loop of loads, so
+    LLVM knows the source aliases nothing and the lane loops around stay vectorised."""
+    if not isinstance(dst, types.Array) or not all(
+        isinstance(a, types.Integer) for a in (start, addr, count)
+    ):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        d = builder.gep(ary.data, [args[1]])
+        s = builder.inttoptr(args[2], d.type)
+        cgutils.raw_memcpy(builder, d, s, args[3], context.get_constant(types.intp, 2))
+        return context.get_dummy_value()
+
+    return types.void(dst, start, addr, count), codegen
+
+
+@intrinsic
+def _prefetch_at(typingctx, addr):
+    """Software prefetch of the cache line at byte address ``addr``."""
+    if not isinstance(addr, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i8p = ir.IntType(8).as_pointer()
+        ptr = builder.inttoptr(args[0], i8p)
+        i32 = ir.IntType(32)
+        name = "llvm.prefetch.p0" if str(i8p) == "ptr" else "llvm.prefetch.p0i8"
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(addr), codegen
+
+
 @njit(cache=True, fastmath=False, nogil=True, inline="always")
-def _prefetch_row(s1, so, L):  # pragma: no cover - compiled
-    """Prefetch one block row of the stack (``L`` uint16 from flat offset ``so``)."""
-    for k in range(_u(0), L, _u(32)):  # 32 uint16 = one 64-byte cache line
-        _prefetch(s1, so + k)
-    _prefetch(s1, so + L - _u(1))  # block rows need not start on a line boundary
+def _prefetch_row(a, n, a2):  # pragma: no cover - compiled
+    """Prefetch one block row: ``n`` uint16 at byte address a, the rest of the lanes at a2."""
+    for k in range(_u(0), n * _u(2), _u(64)):  # one 64-byte cache line per step
+        _prefetch_at(a + k)
+    _prefetch_at(a + n * _u(2) - _u(1))  # block rows need not start on a line boundary
+    for k in range(_u(0), (_u(_LANES) - n) * _u(2), _u(64)):
+        _prefetch_at(a2 + k)
 
 
 @njit(cache=True, fastmath=False, nogil=True)
-def _block(s1, m1, T, B, H, W, kk, tt, o1, h, cb):  # pragma: no cover - compiled
-    """Pixels ``cb .. cb + _LANES`` of image row ``h``: every band, every quantile.
+def _block(
+    addr, geo, planes, m1, mbit, act, nd, T, H, W, kk, tt, o1, cnt, h, cb
+):  # pragma: no cover
+    """Pixels ``cb .. cb + _LANES`` of window row ``h``: every band, every quantile.
 
-    Flat arrays and uint64 offsets throughout (see ``_u``); every lane loop runs over the
-    constant ``_LANES`` so LLVM vectorises it completely.
+    Observations are read where they lie (``addr``/``geo``, see Source); the mask is flat
+    (T, H, W); ``act`` (flat (H, W), or empty) limits the work to active pixels; ``nd`` is a
+    value that counts as missing (-1: none). Flat arrays and uint64 offsets throughout (see
+    ``_u``); the lane loops run over constants so LLVM vectorises them.
     """
     L = _u(_LANES)
     U = _u(_UNROLL)
     PF = _u(_PF)
     Q = _u(kk.shape[0])
+    B = _u(planes.shape[0])
+    use_act = act.shape[0] > 0
     Tp = (T + U - _u(1)) // U * U
     buf = np.empty(Tp * L, dtype=np.int16)  # (row, lane) values of the current band
-    rows = np.empty(T, dtype=np.uint64)  # scenes with a valid pixel in the block
-    ls = np.empty(8 * _LANES, dtype=np.int16)  # per-lane state, slots _N.._LIM
+    rows = np.empty(T, dtype=np.uint64)  # scenes with an unmasked pixel in the block
+    ls = np.empty(_SLOTS * _LANES, dtype=np.int16)  # per-lane state, slots _N.._MSK
+    use_nd = nd >= 0
+    ndr = np.int16(np.uint16(nd if use_nd else 0))  # nodata as the raw int16 bits
     # The last block of a row overlaps the previous one instead of being partial (W >=
     # _LANES is ensured by the caller); overlapping pixels are just computed twice.
     c0 = min(cb, W - L)
+    ao = h * W + c0
+    if use_act:
+        nact = 0
+        for j in range(L):
+            nact += act[ao + j]
+        if nact == 0:
+            return
 
-    # Valid count per lane; keep only scenes with at least one valid pixel here.
-    for j in range(L):
-        ls[_N + j] = 0
+    # Where the block's row lies: chunk (cy, cx), element offset ``ry`` of the row and ``ix``
+    # of its first pixel in the chunk; the first ``n`` lanes are in that chunk, the rest in
+    # chunk cx + 1 (chunks are at least _LANES wide). Scene t, plane p: the lanes start at
+    # addr[t, cy, cx] + 2 * (p * plane + ry + ix), the rest at addr[t, cy, cx + 1] + ....
+    ch, cw, plane = geo[0], geo[1], geo[2]
+    yy = h + geo[3]
+    xx = c0 + geo[4]
+    cy = yy // ch
+    cx = xx // cw
+    ry = (yy - cy * ch) * cw
+    ix = xx - cx * cw
+    n = min(L, cw - ix)
+    cx2 = cx + _u(1) if n < L else cx  # (no second chunk: a2 is never read)
+
+    # Keep only scenes with at least one unmasked pixel here.
     R = _u(0)
     for t in range(T):
         if t + PF < T:
@@ -117,15 +197,20 @@ def _block(s1, m1, T, B, H, W, kk, tt, o1, h, cb):  # pragma: no cover - compile
             _prefetch(m1, mo + L - _u(1))
         mo = (t * H + h) * W + c0
         nv = 0
-        for j in range(L):
-            v = not m1[mo + j]
-            ls[_N + j] += v
-            nv += v
+        if use_act:
+            for j in range(L):
+                nv += ((m1[mo + j] & mbit) == 0) & (act[ao + j] != 0)
+        else:
+            for j in range(L):
+                nv += (m1[mo + j] & mbit) == 0
         if nv > 0:
             rows[R] = t
             R += _u(1)
     for r in range(min(R, PF)):
-        _prefetch_row(s1, (rows[r] * B * H + h) * W + c0, L)
+        po = planes[0] * plane + ry
+        _prefetch_row(
+            addr[rows[r], cy, cx] + _u(2) * (po + ix), n, addr[rows[r], cy, cx2] + _u(2) * po
+        )
     # Pad to a multiple of the unroll with sentinel rows (they never count as <= v).
     Rp = (R + U - _u(1)) // U * U
     for r in range(R, Rp):
@@ -133,13 +218,14 @@ def _block(s1, m1, T, B, H, W, kk, tt, o1, h, cb):  # pragma: no cover - compile
             buf[r * L + j] = _SENT
 
     for b in range(B):
-        # Copy the band into buf (flipped to int16, masked -> sentinel), with the
-        # per-lane min / max of valid values as the bisection's starting interval.
+        # Copy the band into buf (flipped to int16, masked/nodata -> sentinel), counting
+        # valid values and the per-lane min / max as the bisection's starting interval.
         for j in range(L):
+            ls[_N + j] = 0
             ls[_LO + j] = _SENT
             ls[_HI + j] = _NEG
         for r in range(R):
-            # Rows of a pixel column are B*H*W apart (hardware prefetch does not follow
+            # Rows of a pixel column are far apart (hardware prefetch does not follow
             # them): fetch PF rows ahead, running on into the next band.
             rn = r + PF
             bn = b
@@ -147,18 +233,39 @@ def _block(s1, m1, T, B, H, W, kk, tt, o1, h, cb):  # pragma: no cover - compile
                 rn -= R
                 bn += _u(1)
             if bn < B and rn < R:
-                _prefetch_row(s1, ((rows[rn] * B + bn) * H + h) * W + c0, L)
+                po = planes[bn] * plane + ry
+                tn = rows[rn]
+                _prefetch_row(
+                    addr[tn, cy, cx] + _u(2) * (po + ix), n, addr[tn, cy, cx2] + _u(2) * po
+                )
             t = rows[r]
-            so = ((t * B + b) * H + h) * W + c0
             mo = (t * H + h) * W + c0
+            if use_act:
+                for j in range(L):
+                    ls[_MSK + j] = ((m1[mo + j] & mbit) != 0) | (act[ao + j] == 0)
+            else:
+                for j in range(L):
+                    ls[_MSK + j] = (m1[mo + j] & mbit) != 0
+            po = planes[b] * plane + ry
+            _copy_in(ls, _RAW, addr[t, cy, cx] + _u(2) * (po + ix), n)
+            if n < L:
+                _copy_in(ls, _RAW + n, addr[t, cy, cx2] + _u(2) * po, L - n)
+            if use_nd:
+                for j in range(L):
+                    ls[_MSK + j] |= ls[_RAW + j] == ndr
             bo = r * L
             for j in range(L):
-                x = np.int16(s1[so + j] ^ _FLIP)
-                m = m1[mo + j]
-                y = _SENT if m else x
+                raw = ls[_RAW + j]
+                x = raw ^ _NEG  # flip the top bit: uint16 order as int16 order
+                bad = ls[_MSK + j] != 0
+                y = _SENT if bad else x
                 buf[bo + j] = y
+                ls[_N + j] += np.int16(not bad)
                 ls[_LO + j] = min(ls[_LO + j], y)
-                ls[_HI + j] = max(ls[_HI + j], _NEG if m else x)
+                ls[_HI + j] = max(ls[_HI + j], _NEG if bad else x)
+        if b == 0 and cnt.shape[0] > 0:
+            for j in range(L):
+                cnt[ao + j] = np.uint16(ls[_N + j])
 
         for qi in range(Q):
             # Bisection for v_k = smallest v with #(x <= v) > k, k = kk[n] per lane.
@@ -232,11 +339,76 @@ def _block(s1, m1, T, B, H, W, kk, tt, o1, h, cb):  # pragma: no cover - compile
 
 
 @njit(parallel=True, cache=True, fastmath=False, nogil=True)
-def _kernel(s1, m1, T, B, H, W, kk, tt, o1, order):  # pragma: no cover - compiled
+def _kernel(
+    addr, geo, planes, m1, mbit, act, nd, T, H, W, kk, tt, o1, cnt, order
+):  # pragma: no cover
     nb = (W + _u(_LANES - 1)) // _u(_LANES)
     for i in prange(order.shape[0]):
         task = order[i]
-        _block(s1, m1, T, B, H, W, kk, tt, o1, task // nb, task % nb * _u(_LANES))
+        h = task // nb
+        _block(
+            addr,
+            geo,
+            planes,
+            m1,
+            mbit,
+            act,
+            nd,
+            T,
+            H,
+            W,
+            kk,
+            tt,
+            o1,
+            cnt,
+            h,
+            task % nb * _u(_LANES),
+        )
+
+
+@dataclass
+class Source:
+    """Where the kernel finds observation (t, band, y, x) of a (T, B, H, W) uint16 window,
+    so that it reads the data in place (a memory-mapped store) instead of a copy.
+
+    The window's pixels lie in chunks of ``chunk`` = (height, width) pixels; chunk (cy, cx) of
+    scene t starts at byte address ``addr[t, cy, cx]`` and holds the bands as planes
+    ``plane`` elements apart; window pixel (0, 0) is pixel ``origin`` of chunk (0, 0).
+    ``planes`` picks, per output band, the plane to read. ``keep`` holds the objects that own
+    the memory: the addresses are valid only while it is alive.
+    """
+
+    addr: np.ndarray  # uint64 (T, GY, GX)
+    chunk: tuple[int, int]
+    plane: int
+    origin: tuple[int, int]
+    planes: np.ndarray  # int64 (B,)
+    height: int
+    width: int
+    keep: tuple = ()
+
+    def __post_init__(self) -> None:
+        if self.width < SOURCE_MIN_WIDTH:
+            raise ValueError(f"a Source must be at least {_LANES} pixels wide")
+        if min(self.chunk[1], self.chunk[0]) < 1 or self.chunk[1] < _LANES:
+            raise ValueError(f"chunks must be at least {_LANES} pixels wide")
+        gy, gx = self.addr.shape[1:]
+        oy, ox = self.origin
+        if oy + self.height > gy * self.chunk[0] or ox + self.width > gx * self.chunk[1]:
+            raise ValueError("the chunk table does not cover the window")
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.addr.shape[0], len(self.planes), self.height, self.width)
+
+    @classmethod
+    def from_array(cls, stack: np.ndarray) -> Source:
+        """A C-contiguous uint16 (T, B, H, W) array as one chunk per scene."""
+        stack = np.ascontiguousarray(stack)
+        t, b, h, w = stack.shape
+        step = b * h * w * stack.itemsize
+        addr = (stack.ctypes.data + step * np.arange(t, dtype=np.uint64)).reshape(t, 1, 1)
+        return cls(addr.astype(np.uint64), (h, w), h * w, (0, 0), np.arange(b), h, w, (stack,))
 
 
 def _check_inputs(stack: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -256,7 +428,7 @@ def _check_inputs(stack: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.n
     return stack, mask
 
 
-def _quantile_fraction(q: float) -> np.floating:
+def quantile_fraction(q: float) -> np.floating:
     """q / 100 with numpy's own dtype rules (np.float32 q stays float32, like nanpercentile)."""
     if isinstance(q, bool | np.bool_) or not isinstance(q, numbers.Real):
         raise ValueError(f"q must be a real number in [0, 100], got {q!r}")
@@ -308,8 +480,36 @@ def _run(stack: np.ndarray, mask: np.ndarray, qfs: list[np.floating]) -> np.ndar
         ps[..., :w] = stack
         pm[..., :w] = mask
         return _run(ps, pm, qfs)[..., :w].copy()
-    stack = np.ascontiguousarray(stack)
+    return run_source(Source.from_array(stack), mask, qfs)[0]
+
+
+def run_source(
+    src: Source,
+    mask: np.ndarray,
+    qfs: list[np.floating],
+    nodata: int | None = None,
+    active: np.ndarray | None = None,
+    count: bool = False,
+    mask_bits: int = 1,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The kernel on a Source: float32 (len(qfs), B, H, W) and, with ``count``, the number of
+    valid observations of the first band per pixel (uint16 (H, W)).
+
+    ``mask``: bool (T, H, W), or uint8 flags of which ``mask_bits`` exclude an observation
+    (several masks in one array; 0 excludes none). ``nodata``: a value that counts as missing,
+    like a masked observation. ``active``: bool (H, W); only these pixels are computed (the
+    others are left unset: callers select them)."""
+    t, b, h, w = src.shape
+    if mask.shape != (t, h, w) or mask.dtype not in (np.bool_, np.uint8):
+        raise ValueError(f"mask must be bool/uint8 {(t, h, w)}, got {mask.dtype} {mask.shape}")
+    if t > _MAX_T:
+        raise ValueError(f"at most {_MAX_T} observations per pixel, got {t}")
+    out = np.empty((len(qfs), b, h, w), dtype=np.float32)
+    cnt = np.zeros((h, w) if count else (0, 0), dtype=np.uint16)
+    if out.size == 0:
+        return out, (cnt if count else None)
     mask = np.ascontiguousarray(mask)
+    act = np.ascontiguousarray(active, dtype=np.bool_) if active is not None else np.empty(0, bool)
     kk, tt = _tables(qfs, t)
     # One task per block (row h, block j) = h * nb + j. prange hands each thread one
     # contiguous slice of ``order``: interleaving rows in groups of 16 spreads cloudy
@@ -317,19 +517,27 @@ def _run(stack: np.ndarray, mask: np.ndarray, qfs: list[np.floating]) -> np.ndar
     nb = -(-w // _LANES)
     tasks = np.arange(h * nb, dtype=np.uint64)
     order = tasks[np.argsort((tasks // nb) % 16, kind="stable")]
+    ch, cw = src.chunk
+    oy, ox = src.origin
+    geo = np.array([ch, cw, src.plane, oy, ox], dtype=np.uint64)
     _kernel(
-        stack.reshape(-1),
-        mask.reshape(-1),
+        np.ascontiguousarray(src.addr, dtype=np.uint64),
+        geo,
+        np.asarray(src.planes, dtype=np.uint64),
+        mask.reshape(-1).view(np.uint8),
+        np.uint8(mask_bits),
+        act.reshape(-1).view(np.uint8),
+        np.int64(-1 if nodata is None else nodata),
         _u(t),
-        _u(b),
         _u(h),
         _u(w),
         kk,
         tt,
         out.reshape(-1),
+        cnt.reshape(-1),
         order,
     )
-    return out
+    return out, (cnt if count else None)
 
 
 def masked_percentile(stack: np.ndarray, mask: np.ndarray, q: float) -> np.ndarray:
@@ -341,13 +549,13 @@ def masked_percentile(stack: np.ndarray, mask: np.ndarray, q: float) -> np.ndarr
     thread pool (``numba.set_num_threads`` / ``NUMBA_NUM_THREADS``).
     """
     stack, mask = _check_inputs(stack, mask)
-    return _run(stack, mask, [_quantile_fraction(q)])[0]
+    return _run(stack, mask, [quantile_fraction(q)])[0]
 
 
 def masked_percentile_many(stack: np.ndarray, mask: np.ndarray, qs: list[float]) -> np.ndarray:
     """Several percentiles in one pass over the data: float32 (len(qs), B, H, W)."""
     stack, mask = _check_inputs(stack, mask)
-    qfs = [_quantile_fraction(q) for q in qs]
+    qfs = [quantile_fraction(q) for q in qs]
     if not qfs:
         raise ValueError("qs must hold at least one percentile")
     return _run(stack, mask, qfs)
@@ -361,7 +569,7 @@ def kersten_percentile(stack: np.ndarray, mask: np.ndarray, q: float) -> np.ndar
     fractional rank picks floor/ceil per pixel with take_along_axis, then numpy's lerp.
     """
     stack, mask = _check_inputs(stack, mask)
-    qf = _quantile_fraction(q)
+    qf = quantile_fraction(q)
     t, b, h, w = stack.shape
     if t == 0 or stack.size == 0:
         return np.full((b, h, w), np.nan, dtype=np.float32)

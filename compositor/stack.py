@@ -18,6 +18,7 @@ written, so an interrupted write never shows half a scene.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 import warnings
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ import zarr
 from affine import Affine
 from numba import njit
 from zarr.codecs import BloscCodec
+
+from compositor.percentile import SOURCE_MIN_WIDTH, Source
 
 CHUNK = 256
 NODATA = 0
@@ -375,6 +378,16 @@ class Stack:
             out[name] = buf
         return out
 
+    def source(
+        self, level: int, window: tuple[int, int, int, int], indices: np.ndarray, bands: list[int]
+    ) -> Source | None:
+        """The reflectance window for the percentile kernel to read in place, or None where
+        that is not possible (a store that is not a local directory, a window narrower than the
+        kernel's block): then read() it."""
+        if self._shards is None or window[3] < SOURCE_MIN_WIDTH:
+            return None
+        return self._shards.source(level, indices, bands, window)
+
     def nbytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
@@ -415,19 +428,27 @@ class ShardReader:
 
     def __init__(self, root: Path, stack: Stack):
         self.root = root
+        self._root = str(root)
         self.stack = stack
         self._maps: dict[tuple[int, str, int], tuple[int, np.ndarray, np.ndarray]] = {}
+        self._zeros: np.ndarray | None = None
 
     def _shard(self, level: int, name: str, t: int, arr: zarr.Array, grid: tuple[int, int]):
+        """(mtime, data, chunk offsets, data address) of scene t's shard, or None if unwritten.
+
+        Shards are replaced atomically (write + rename), so a mapping stays valid. Only cloud
+        masks are rewritten in a complete scene: just those are checked for a newer file."""
         key = (level, name, t)
+        hit = self._maps.get(key)
+        if hit is not None and name != "cloudprob":
+            return hit
         lead = arr.shape[1:-2]
-        path = self.root / f"L{level}" / name / "c" / str(t) / "/".join(["0"] * (len(lead) + 2))
+        path = os.path.join(self._root, f"L{level}", name, "c", str(t), *["0"] * (len(lead) + 2))
         try:
-            mtime = path.stat().st_mtime_ns  # cloud masks rewrite a shard: re-map when it changes
+            mtime = os.stat(path).st_mtime_ns
         except FileNotFoundError:
             self._maps.pop(key, None)
             return None
-        hit = self._maps.get(key)
         if hit is not None and hit[0] == mtime:
             return hit
         mm = np.memmap(path, dtype=np.uint8, mode="r")
@@ -435,11 +456,61 @@ class ShardReader:
         index = np.frombuffer(mm[-(16 * n + 4) : -4], dtype="<u8").reshape(*grid, 2)
         itemsize = arr.dtype.itemsize
         nbytes = int(np.prod(lead, dtype=np.int64)) * CHUNK * CHUNK * itemsize
-        offs = np.where(index[..., 1] == nbytes, index[..., 0] // itemsize, -1).astype(np.int64)
         data = np.frombuffer(mm, dtype=arr.dtype, count=(len(mm) - 16 * n - 4) // itemsize)
-        hit = (mtime, data, offs)
+        # A chunk is used only if it is whole and inside the file: a damaged index must not
+        # make a compiled reader touch memory past the mapping.
+        ok = (index[..., 1] == nbytes) & (index[..., 0] + nbytes <= data.nbytes)
+        offs = np.where(ok, index[..., 0] // itemsize, -1).astype(np.int64)
+        hit = (mtime, data, offs, data.ctypes.data)
         self._maps[key] = hit
         return hit
+
+    def source(
+        self, level: int, indices: np.ndarray, bands: list[int], window: tuple[int, int, int, int]
+    ) -> Source:
+        """The reflectance window (row, col, height, width) of scenes ``indices`` at ``level``,
+        read in place by the percentile kernel: a table of each chunk's address in the mapped
+        shards. Chunks outside the stack or never written point at a chunk of zeros (nodata)."""
+        arr = self.stack._array(level, "reflectance")
+        lv = self.stack.levels[level]
+        grid = (-(-lv.height // CHUNK), -(-lv.width // CHUNK))
+        r0, c0, h, w = window
+        cy0, cx0 = r0 // CHUNK, c0 // CHUNK  # floor: windows may start outside the stack
+        gy, gx = (r0 + h - 1) // CHUNK - cy0 + 1, (c0 + w - 1) // CHUNK - cx0 + 1
+        plane = CHUNK * CHUNK
+        if self._zeros is None or self._zeros.size < arr.shape[1] * plane:
+            self._zeros = np.zeros(arr.shape[1] * plane, arr.dtype)
+        zero = self._zeros.ctypes.data
+        addr = np.full((len(indices), gy, gx), zero, np.uint64)
+        # (table, shard) chunk coordinates of the chunks inside the stack
+        inside = [
+            (i, j, cy0 + i, cx0 + j)
+            for i in range(gy)
+            for j in range(gx)
+            if 0 <= cy0 + i < grid[0] and 0 <= cx0 + j < grid[1]
+        ]
+        keep: list = [self._zeros]
+        size = arr.dtype.itemsize
+        for k, t in enumerate(indices.tolist()):
+            hit = self._shard(level, "reflectance", t, arr, grid)
+            if hit is None:
+                continue
+            keep.append(hit[1])
+            offs, base = hit[2], hit[3]
+            for i, j, y, x in inside:
+                o = int(offs[y, x])
+                if o >= 0:
+                    addr[k, i, j] = base + o * size
+        return Source(
+            addr,
+            (CHUNK, CHUNK),
+            plane,
+            (r0 - cy0 * CHUNK, c0 - cx0 * CHUNK),
+            np.asarray(bands, np.int64),
+            h,
+            w,
+            tuple(keep),
+        )
 
     def read(
         self,

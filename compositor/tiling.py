@@ -1,7 +1,7 @@
 """Render any target grid (a web-map tile, a COG block) from a Stack.
 
 Data flow: target bounds -> the Stack level whose pixels match the target resolution -> a window
-(with a halo for dilation and resampling) -> composite in the cell's native UTM grid -> warp the
+(with a halo for resampling) -> composite in the cell's native UTM grid -> warp the
 three display bands to the target grid -> render. Compositing happens before warping so that
 100 scenes are never reprojected, only the 3-band result.
 """
@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from affine import Affine
 from cachetools import LRUCache
+from numba import njit, prange
 from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 
 from compositor.composite import (
     MASK_METHODS,
     CompositeResult,
-    composite,
+    composite_source,
+    pack_masks,
     prob_masks,
-    scl_exclusion,
+    scl_bits,
     scl_masks,
 )
 from compositor.hillshade import hillshade
@@ -112,8 +114,9 @@ def render_area(
     inv = ~level.transform
     c0, r0 = inv @ (nb[0], nb[3])
     c1, r1 = inv @ (nb[2], nb[1])
-    dil = math.ceil(params.dilate / level.factor) if params.dilate > 0 else 0
-    halo = HALO + dil
+    # Masks are dilated on their own, wider window (composite_window): only the warp needs a
+    # halo here, and a 256 px tile then stays within two 128 px kernel blocks per row.
+    halo = HALO
     if not all(map(math.isfinite, (c0, r0, c1, r1))):
         raise NoData("the area cannot be projected onto the stack's grid")
     # Clip to the level (plus halo): a zoomed-out tile spans far more than the stack, and the
@@ -198,8 +201,9 @@ def composite_window(
     if indices is None:
         indices = stack.complete_indices(params.start, params.end, params.months)
     band_idx = [stack.bands.index(b) for b in (bands or stack.bands)]
-    factor = stack.levels[level].factor
-    dil = math.ceil(params.dilate / factor) if params.dilate > 0 else 0
+    ml = mask_level(stack, level)
+    mfactor = stack.levels[ml].factor
+    dil = math.ceil(params.dilate / mfactor) if params.dilate > 0 else 0
     # Masks depend on the window, the scenes and the mask options, not on the percentile or
     # the display: a user dragging the percentile slider re-uses them.
     key = (
@@ -213,23 +217,101 @@ def composite_window(
         stack.mask_version(indices) if params.mask == "segformer" else None,
     )
     masks = MASK_CACHE.get(key)
-    what = (
-        ("reflectance",)
-        if masks
-        else (("reflectance", "scl") + (("cloudprob",) if params.mask == "segformer" else ()))
-    )
-    data = stack.read(level, window, indices, what, bands=band_idx)
+    # Locally the kernel reads the reflectance in place (no 40 MB copy per tile); else read it.
+    src = stack.source(level, window, indices, band_idx)
+    data = {} if src is not None else stack.read(level, window, indices, ("reflectance",), band_idx)
     clock.lap("read")
     if masks is None:
-        masks = _exclusion(data, params, dil)
+        masks = _coarse_masks(stack, level, ml, window, indices, params, dil, clock)
         MASK_CACHE.put(key, masks)
-    exclude, loose = masks
+    coarse, offset, has_loose = masks
+    # Cached at the mask level (4x smaller); repeated per request into short-lived memory,
+    # which the allocator reuses (fresh pages cost ~5 us each to fault in here).
+    f = stack.levels[ml].factor // stack.levels[level].factor
+    bits = repeat_window(coarse, f, (*offset, window[2], window[3]))
     clock.lap("mask")
-    res = composite(
-        data["reflectance"], exclude, params.percentile, params.min_clear, loose, stack.nodata
+    res = composite_source(
+        data["reflectance"] if src is None else src,
+        bits,
+        params.percentile,
+        params.min_clear,
+        stack.nodata,
+        has_loose,
     )
     clock.lap("percentile")
     return res
+
+
+MASK_RESOLUTION = 20.0  # m: SCL and the cloud model are 20 m products, so masks are made there
+
+
+def mask_level(stack: Stack, level: int) -> int:
+    """The level masks for ``level`` are computed at: the coarsest one still as fine as
+    MASK_RESOLUTION (20 m for a 10 m window: a quarter of the SCL reads and dilation work)."""
+    ml = level
+    while ml + 1 < len(stack.levels) and stack.levels[ml + 1].resolution <= MASK_RESOLUTION:
+        ml += 1
+    return ml
+
+
+def _coarse_masks(
+    stack: Stack,
+    level: int,
+    ml: int,
+    window: tuple[int, int, int, int],
+    indices: np.ndarray,
+    params: ViewParams,
+    dil: int,
+    clock: _Clock,
+) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """Exclusion mask bits (STRICT, LOOSE) for ``window`` at ``level``, computed at level
+    ``ml`` (dilation ``dil`` in its pixels): (bits, offset of the window in them counted in
+    ``level`` pixels, whether a LOOSE mask exists)."""
+    what = ("scl",) + (("cloudprob",) if params.mask == "segformer" else ())
+    f = stack.levels[ml].factor // stack.levels[level].factor
+    r0, c0, h, w = window
+    # The coarse window covers the fine one plus the dilation radius, so dilation near the
+    # window's edges sees the clouds just outside it.
+    mr0, mc0 = r0 // f - dil, c0 // f - dil
+    mh, mw = -(-(r0 + h) // f) + dil - mr0, -(-(c0 + w) // f) + dil - mc0
+    data = stack.read(ml, (mr0, mc0, mh, mw), indices, what)
+    clock.lap("read")
+    bits, has_loose = _exclusion(data, params, dil)
+    return bits, (r0 - mr0 * f, c0 - mc0 * f), has_loose
+
+
+@njit(parallel=True, cache=True)
+def _repeat2(src, oy, ox, out):  # pragma: no cover - compiled
+    """out = src repeated 2 x 2 from offset (oy, ox) in the repeated grid (uint8). A coarse
+    row becomes uint16 pairs (b * 257) written contiguously, then copied to its fine rows."""
+    T, H, W = out.shape
+    w2 = (W + ox % 2 + 1) // 2
+    for t in prange(T):
+        pair = np.empty(w2, np.uint16)
+        row = pair.view(np.uint8)
+        prev = -1
+        for y in range(H):
+            sy = (y + oy) // 2
+            if sy != prev:
+                for x in range(w2):
+                    pair[x] = np.uint16(src[t, sy, ox // 2 + x]) * np.uint16(257)
+                prev = sy
+            o = ox % 2
+            for x in range(W):
+                out[t, y, x] = row[o + x]
+
+
+def repeat_window(a: np.ndarray, f: int, window: tuple[int, int, int, int]) -> np.ndarray:
+    """Window (row, col, h, w) of ``a`` (T, H, W) repeated f x f (nearest), in the repeated
+    grid's pixels; f is 1 or 2 (masks are made one level coarser at most)."""
+    oy, ox, h, w = window
+    if f == 1:
+        return np.ascontiguousarray(a[:, oy : oy + h, ox : ox + w])
+    if f != 2:
+        raise ValueError(f"repeat factor must be 1 or 2, not {f}")
+    out = np.empty((a.shape[0], h, w), a.dtype)
+    _repeat2(np.ascontiguousarray(a), oy, ox, out)
+    return out
 
 
 class MaskCache:
@@ -242,17 +324,17 @@ class MaskCache:
         self._lock = threading.Lock()
         self._cache: LRUCache = LRUCache(
             maxsize=max(max_bytes, 1),
-            getsizeof=lambda v: sum(a.nbytes for a in v if a is not None),
+            getsizeof=lambda v: v[0].nbytes,
         )
         self.enabled = max_bytes > 0
 
-    def get(self, key: tuple) -> tuple[np.ndarray, np.ndarray | None] | None:
+    def get(self, key: tuple) -> tuple[np.ndarray, tuple[int, int], bool] | None:
         if not self.enabled:
             return None
         with self._lock:
             return self._cache.get(key)
 
-    def put(self, key: tuple, masks: tuple[np.ndarray, np.ndarray | None]) -> None:
+    def put(self, key: tuple, masks: tuple[np.ndarray, tuple[int, int], bool]) -> None:
         if self.enabled:
             with self._lock:
                 self._cache[key] = masks
@@ -280,16 +362,17 @@ class _Clock:
 
 def _exclusion(
     data: dict[str, np.ndarray], params: ViewParams, dil: int
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(strict exclusion mask, looser fallback mask) for the chosen mask method."""
+) -> tuple[np.ndarray, bool]:
+    """Packed exclusion masks (STRICT, LOOSE bits) for the chosen mask method, and whether the
+    LOOSE (fallback) mask exists."""
     scl = data["scl"]
     if params.mask == "none":
-        return np.zeros(scl.shape, bool), None
+        return np.zeros(scl.shape, np.uint8), False
     if params.mask == "scl":
-        return scl_exclusion(scl, dil)
+        return scl_bits(scl, dil), True
     bad_scl, nodata = scl_masks(scl, dil)
     cp = data["cloudprob"]
     have = cp[:, 0] != CLOUDPROB_UNSET  # scenes/pixels the model has not seen fall back to SCL
     bad = np.where(have, prob_masks(cp, params.cloud_threshold, dil), bad_scl)
     loose = np.where(have, prob_masks(cp, params.cloud_threshold, 0), scl_masks(scl, 0)[0])
-    return bad | nodata, loose | nodata
+    return pack_masks(bad | nodata, loose | nodata), True

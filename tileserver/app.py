@@ -24,6 +24,7 @@ from titiler.core.factory import TilerFactory
 from titiler.core.resources.enums import ImageType
 from titiler.core.utils import render_image
 
+from compositor.alloc import retain_freed_memory
 from compositor.grid import transform_bounds_to_lonlat
 from compositor.render import encode_png
 from compositor.stack import Stack
@@ -164,6 +165,7 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
         version="0.1.0",
     )
     app.state.settings = settings
+    retain_freed_memory()  # tiles reuse freed buffers instead of faulting fresh pages in
     MASK_CACHE.resize(settings.mask_cache_mb * 2**20)
     app.state.registry = Registry(settings.data_dir)
     log.info(
