@@ -83,11 +83,17 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
 
+def _deflate(data: bytes, level: int) -> bytes:
+    c = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    return c.compress(data) + c.flush()
+
+
 def encode_png(rgb: np.ndarray, valid: np.ndarray | None = None, level: int = 1) -> bytes:
     """uint8 (3, H, W) (+ validity as alpha) -> PNG bytes.
 
-    The "Up" filter with zlib level 1: ~10x faster than GDAL's PNG driver at its default level
-    on a 256 px tile for ~13 % more bytes — encoding was the largest stage of a cold tile."""
+    The "Up" filter, then deflate at level 1 with run-length matches only (Z_RLE): on a 256 px
+    composite tile 3.5 ms for 140 KB, against 4.1 ms / 146 KB for plain level 1 and 27 ms /
+    138 KB at level 6 — encoding was the largest stage of a cold tile."""
     h, w = rgb.shape[1:]
     planes = [rgb] if valid is None else [rgb, (valid.astype(np.uint8) * 255)[None]]
     px = np.ascontiguousarray(np.concatenate(planes).transpose(1, 2, 0)).reshape(h, -1)
@@ -98,6 +104,6 @@ def encode_png(rgb: np.ndarray, valid: np.ndarray | None = None, level: int = 1)
     return (
         b"\x89PNG\r\n\x1a\n"
         + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
-        + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), level))
+        + _png_chunk(b"IDAT", _deflate(raw.tobytes(), level))
         + _png_chunk(b"IEND", b"")
     )

@@ -122,15 +122,17 @@ def test_cache_etag_304_and_cors(server, cells):
     t = _center_tile(cells["49NDB"], 14)
     url = f"{server}/cells/49NDB/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.png"
     before = httpx.get(f"{server}/metrics").json()
-    a = httpx.get(url, params={"percentile": 30, "mask": "scl"},
-                  headers={"Origin": "https://blog.example"})
+    a = httpx.get(
+        url, params={"percentile": 30, "mask": "scl"}, headers={"Origin": "https://blog.example"}
+    )
     b = httpx.get(url, params={"mask": "scl", "percentile": 30})  # same key, other order
     assert a.status_code == b.status_code == 200 and a.content == b.content
     assert a.headers["etag"] == b.headers["etag"]
     assert "max-age" in a.headers["cache-control"]
     assert a.headers["access-control-allow-origin"] in ("*", "https://blog.example")
-    r = httpx.get(url, params={"percentile": 30, "mask": "scl"},
-                  headers={"If-None-Match": a.headers["etag"]})
+    r = httpx.get(
+        url, params={"percentile": 30, "mask": "scl"}, headers={"If-None-Match": a.headers["etag"]}
+    )
     assert r.status_code == 304 and r.content == b""
     other = httpx.get(url, params={"percentile": 31, "mask": "scl"})
     assert other.headers["etag"] != a.headers["etag"]  # parameters are part of the key

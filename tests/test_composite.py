@@ -63,10 +63,72 @@ def test_fused_scl_exclusion_equals_the_parts():
     from compositor.composite import scl_exclusion
 
     rng = np.random.default_rng(3)
-    scl = rng.choice(np.array([0, 1, 3, 4, 5, 8, 9, 10], np.uint8), (5, 31, 29),
-                     p=[0.05, 0.02, 0.05, 0.5, 0.28, 0.04, 0.03, 0.03])
+    scl = rng.choice(
+        np.array([0, 1, 3, 4, 5, 8, 9, 10], np.uint8),
+        (5, 31, 29),
+        p=[0.05, 0.02, 0.05, 0.5, 0.28, 0.04, 0.03, 0.03],
+    )
     for d in (0, 2):
         strict, loose = scl_exclusion(scl, d)
         bad, nodata = scl_masks(scl, d)
         assert np.array_equal(strict, bad | nodata)
         assert np.array_equal(loose, scl_masks(scl, 0)[0] | nodata)
+
+
+def test_dilation_equals_scipy_binary_dilation():
+    from scipy.ndimage import binary_dilation
+
+    rng = np.random.default_rng(4)
+    mask = rng.random((3, 23, 41)) < 0.03
+    for r in (1, 2, 5, 30):
+        want = np.stack([binary_dilation(m, np.ones((2 * r + 1,) * 2, bool)) for m in mask])
+        assert np.array_equal(dilate(mask, r), want), r
+
+
+def _reference(refl, strict, loose, q, min_clear, nodata=0):
+    """The fallback rule pixel by pixel with nanpercentile."""
+    t, b, h, w = refl.shape
+    out = np.full((b, h, w), np.nan, np.float32)
+    count = np.zeros((h, w), int)
+    for y in range(h):
+        for x in range(w):
+            data = refl[:, 0, y, x] != nodata
+            count[y, x] = (data & ~strict[:, y, x]).sum()
+            for use, need in (
+                (~strict[:, y, x], min_clear),
+                (~loose[:, y, x], min_clear),
+                (np.ones(t, bool), 1),
+            ):
+                ok = use & data
+                if ok.sum() >= need:
+                    v = refl[ok, :, y, x].astype(np.float64)
+                    out[:, y, x] = np.percentile(v, q, axis=0).astype(np.float32)
+                    break
+    return out, count
+
+
+def test_composite_equals_the_fallback_rule_pixel_by_pixel():
+    rng = np.random.default_rng(8)
+    for w in (50, 140):  # narrower than one kernel block (padded), and overlapping blocks
+        refl = rng.integers(1, 4000, (12, 3, 6, w)).astype(np.uint16)
+        refl = np.where(rng.random((12, 1, 6, w)) < 0.2, 0, refl).astype(np.uint16)  # nodata
+        loose = rng.random((12, 6, w)) < 0.6
+        strict = loose | (rng.random((12, 6, w)) < 0.3)
+        for min_clear in (1, 3):
+            res = composite(refl, strict, 30, min_clear, loose)
+            want, count = _reference(refl, strict, loose, 30, min_clear)
+            assert np.array_equal(res.count, count)
+            assert np.array_equal(np.isnan(res.values), np.isnan(want))
+            assert np.array_equal(np.nan_to_num(res.values), np.nan_to_num(want))
+            assert np.array_equal(res.fallback, (count < min_clear) & ~np.isnan(want[0]))
+
+
+def test_masks_repeat_from_the_coarse_level():
+    from compositor.tiling import repeat_window
+
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 4, (3, 20, 21), dtype=np.uint8)
+    big = a.repeat(2, axis=1).repeat(2, axis=2)
+    for oy, ox, h, w in [(0, 0, 40, 42), (1, 3, 30, 33), (2, 1, 17, 40)]:
+        assert np.array_equal(repeat_window(a, 2, (oy, ox, h, w)), big[:, oy : oy + h, ox : ox + w])
+    assert np.array_equal(repeat_window(a, 1, (1, 2, 5, 6)), a[:, 1:6, 2:8])

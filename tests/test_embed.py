@@ -58,8 +58,16 @@ def blog(blog_dir: Path) -> Iterator[str]:
     """A plain static site on another port (so another origin) than the tile server."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-         "--directory", str(blog_dir)],
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(blog_dir),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -149,14 +157,15 @@ def test_iframe_on_another_origin_shows_the_map(
             " && document.querySelectorAll('img.leaflet-tile-loaded').length > 0"
         )
         assert frame.evaluate("window.clearsky.embed") is True
-        assert frame.evaluate("[window.clearsky.state.layer, window.clearsky.state.hillshade]") \
-            == ["hillshade", 0.6]
+        assert frame.evaluate("[window.clearsky.state.layer, window.clearsky.state.hillshade]") == [
+            "hillshade",
+            0.6,
+        ]
 
         # Tiles came from the tile server, with the view's parameters, as HiDPI PNGs...
         assert tiles and all(r.status == 200 for r in tiles)
         assert all(r.url.startswith(f"{server}/cells/{CELL}/tiles/") for r in tiles)
-        assert all("@2x.png?layer=composite" in r.url and "hillshade=0.6" in r.url
-                   for r in tiles)
+        assert all("@2x.png?layer=composite" in r.url and "hillshade=0.6" in r.url for r in tiles)
         # ... and show imagery.
         pixels = frame.evaluate(TILE_PIXELS_JS)
         assert pixels and all(p["width"] == p["height"] == 512 for p in pixels)

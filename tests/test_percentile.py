@@ -198,3 +198,9 @@ def test_many_bad_input_raises():
         masked_percentile_many(stack, mask, [])
     with pytest.raises(ValueError, match=r"\[0, 100\]"):
         masked_percentile_many(stack, mask, [50, 101])
+
+
+def test_kernels_run_on_tbb_threads():
+    """Server threads launch kernels concurrently: TBB is safe for that (and fastest here)."""
+    masked_percentile(np.ones((2, 1, 2, 130), np.uint16), np.zeros((2, 2, 130), bool), 50)
+    assert numba.threading_layer() == "tbb"

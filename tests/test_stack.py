@@ -110,3 +110,38 @@ def test_memory_mapped_shards_match_zarr_python(tmp_path):
     fast.read(0, (0, 0, 8, 8), idx, ("cloudprob",))
     st.write_cloudprob(2, np.zeros_like(prob))
     assert (fast.read(0, (0, 0, 8, 8), np.array([2]), ("cloudprob",))["cloudprob"] == 0).all()
+
+
+def _nan_equal(a, b):
+    return (
+        a.shape == b.shape
+        and np.array_equal(np.isnan(a), np.isnan(b))
+        and np.array_equal(np.nan_to_num(a), np.nan_to_num(b))
+    )
+
+
+def test_kernel_reads_shards_in_place_exactly_like_a_copy(tmp_path):
+    from compositor.percentile import Source, quantile_fraction, run_source
+
+    st = _stack(tmp_path, 300, 280)
+    for i in range(5):
+        s, r, c = _scene(i, 280, 300)
+        r[:, i * 20 : i * 20 + 15, :40] = 0  # nodata patches, different per scene
+        st.append_scene(s, r, c)
+    rng = np.random.default_rng(9)
+    idx = np.array([4, 0, 2, 3, 7])  # 7: never written, reads as nodata
+    qf = [quantile_fraction(25), quantile_fraction(90)]
+    # whole level; crossing chunk rows and columns; partly outside the stack
+    for window in [(0, 0, 280, 300), (200, 130, 70, 160), (-9, -20, 150, 140)]:
+        src = st.source(0, window, idx, [2, 1, 0])
+        assert src is not None and src.shape == (5, 3, window[2], window[3])
+        copy = st.read(0, window, idx, ("reflectance",), bands=[2, 1, 0])["reflectance"]
+        mask = rng.random((5, window[2], window[3])) < 0.4
+        a, ca = run_source(src, mask, qf, nodata=0, count=True)
+        b, cb = run_source(Source.from_array(copy), mask, qf, nodata=0, count=True)
+        assert _nan_equal(a, b), window
+        assert np.array_equal(ca, cb)
+        # nodata never enters a percentile: the same as masking it
+        ref, _ = run_source(Source.from_array(copy), mask | (copy[:, 0] == 0), qf, count=True)
+        assert _nan_equal(a, ref), window
+    assert st.source(0, (0, 0, 50, 100), idx, [0]) is None  # narrower than a kernel block

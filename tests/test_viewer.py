@@ -26,8 +26,14 @@ pytestmark = pytest.mark.browser
 
 CELL = "49NDB"  # the synthetic cell, always built by the `server` fixture
 TILE_PATH = f"/cells/{CELL}/tiles/WebMercatorQuad/"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 # Every loaded tile of the page: its size, how many pixels are opaque and the spread of their
 # grey levels (a blank or single-colour tile has none).
@@ -162,8 +168,10 @@ def test_viewer_shows_composite_tiles(viewer: Viewer, cell: dict) -> None:
 
     # The XYZ template for QGIS is the global layer (every cell) and it serves this very tile.
     xyz = page.input_value("#xyz")
-    assert xyz == (f"{viewer.base}/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}.png"
-                   "?layer=composite&percentile=25&mask=scl")
+    assert xyz == (
+        f"{viewer.base}/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}.png"
+        "?layer=composite&percentile=25&mask=scl"
+    )
     z, x, y = tiles[0].url.split("?")[0].removesuffix(".png").split("/")[-3:]
     r = httpx.get(xyz.format(z=z, x=x, y=y), timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -181,7 +189,8 @@ def test_viewer_shows_composite_tiles(viewer: Viewer, cell: dict) -> None:
     page.click("#copy-embed")
     # The copy is asynchronous (clipboard promise, then the status line).
     page.wait_for_function(
-        "() => document.querySelector('#status').innerText.includes('Embed code copied')")
+        "() => document.querySelector('#status').innerText.includes('Embed code copied')"
+    )
     viewer.assert_clean()
 
 
@@ -258,15 +267,20 @@ def test_controls_request_new_tiles(viewer: Viewer, cell: dict) -> None:
 
 def test_permalink_restores_view(viewer: Viewer, cell: dict) -> None:
     lon, lat = cell["center"]
-    viewer.open(f"#map=15/{lat:.5f}/{lon:.5f}&cell={CELL}&layer=count&mask=none&percentile=40"
-                "&months=1,2,3")
+    viewer.open(
+        f"#map=15/{lat:.5f}/{lon:.5f}&cell={CELL}&layer=count&mask=none&percentile=40&months=1,2,3"
+    )
     assert viewer.js("window.clearsky.map.getZoom()") == 15
     center = viewer.js("window.clearsky.map.getCenter()")
     assert math.isclose(center["lat"], lat, abs_tol=1e-4)
     assert math.isclose(center["lng"], lon, abs_tol=1e-4)
     state = viewer.js("window.clearsky.state")
     assert (state["cell"], state["layer"], state["mask"], state["percentile"]) == (
-        CELL, "count", "none", 40)
+        CELL,
+        "count",
+        "none",
+        40,
+    )
     assert state["months"] == "1,2,3"
     assert viewer.page.is_checked("input[name=layer][value=count]")
     assert viewer.page.input_value("#mask") == "none"
@@ -277,10 +291,13 @@ def test_permalink_restores_view(viewer: Viewer, cell: dict) -> None:
     n = len(viewer.tiles)
     with viewer.page.expect_request(lambda r: "hillshade=0.3" in r.url):
         viewer.page.evaluate(
-            f"location.hash = '#map=15/{lat:.5f}/{lon:.5f}&layer=hillshade&hillshade=0.3'")
+            f"location.hash = '#map=15/{lat:.5f}/{lon:.5f}&layer=hillshade&hillshade=0.3'"
+        )
     viewer.settle()
     assert viewer.js("[window.clearsky.state.layer, window.clearsky.state.hillshade]") == [
-        "hillshade", 0.3]
+        "hillshade",
+        0.3,
+    ]
     assert viewer.page.input_value("#hillshade") == "0.3"
     assert all("layer=composite" in r.url for r in viewer.tiles[n:])
 
