@@ -8,9 +8,31 @@ tiles share edge slopes and show no seams.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 SUN_AZIMUTH = 315.0  # degrees clockwise from north: light from the north-west, as maps expect
 SUN_ALTITUDE = 45.0
+
+
+@njit(cache=True)
+def _shade(z, pixel_size, cz, sz, caz, saz, out):  # pragma: no cover - compiled
+    H, W = out.shape
+    k = 1.0 / (8.0 * pixel_size)
+    for y in range(H):
+        for x in range(W):
+            # Horn (1981): weighted differences over the 3x3 neighbourhood (z is padded by 1).
+            dzdx = (
+                (z[y, x + 2] + 2 * z[y + 1, x + 2] + z[y + 2, x + 2])
+                - (z[y, x] + 2 * z[y + 1, x] + z[y + 2, x])
+            ) * k
+            dzdy = (
+                (z[y + 2, x] + 2 * z[y + 2, x + 1] + z[y + 2, x + 2])
+                - (z[y, x] + 2 * z[y, x + 1] + z[y, x + 2])
+            ) * k
+            # cos(zen)cos(slope) + sin(zen)sin(slope)cos(az - aspect) with aspect =
+            # atan2(dzdy, -dzdx), written with the surface normal: no trigonometry per pixel.
+            s = (cz + sz * (-caz * dzdx + saz * dzdy)) / np.sqrt(1.0 + dzdx * dzdx + dzdy * dzdy)
+            out[y, x] = min(max(s, 0.0), 1.0)
 
 
 def hillshade(
@@ -23,22 +45,14 @@ def hillshade(
     """Lambertian shading (H, W) in 0..1 of a DEM in metres, Horn's 3x3 gradient.
 
     NaN in the DEM gives NaN shading there; the outermost ring uses edge-replicated neighbours.
+    Rows run south, so a positive dz/dy means the ground rises towards the south.
     """
     z = np.pad(dem.astype(np.float64) * z_factor, 1, mode="edge")
-    # Horn (1981): weighted differences over the 3x3 neighbourhood.
-    dzdx = (
-        (z[:-2, 2:] + 2 * z[1:-1, 2:] + z[2:, 2:]) - (z[:-2, :-2] + 2 * z[1:-1, :-2] + z[2:, :-2])
-    ) / (8 * pixel_size)
-    dzdy = (
-        (z[2:, :-2] + 2 * z[2:, 1:-1] + z[2:, 2:]) - (z[:-2, :-2] + 2 * z[:-2, 1:-1] + z[:-2, 2:])
-    ) / (8 * pixel_size)
-    # Rows run south, so a positive dzdy means the ground rises towards the south.
-    slope = np.arctan(np.hypot(dzdx, dzdy))
-    aspect = np.arctan2(dzdy, -dzdx)
     zen = np.radians(90.0 - altitude)
     az = np.radians(360.0 - azimuth + 90.0)
-    shade = np.cos(zen) * np.cos(slope) + np.sin(zen) * np.sin(slope) * np.cos(az - aspect)
-    return np.clip(shade, 0.0, 1.0).astype(np.float32)
+    out = np.empty(dem.shape, np.float32)
+    _shade(z, float(pixel_size), np.cos(zen), np.sin(zen), np.cos(az), np.sin(az), out)
+    return out
 
 
 def blend(

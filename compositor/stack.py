@@ -29,12 +29,14 @@ from typing import Any
 import numpy as np
 import zarr
 from affine import Affine
+from cachetools import LRUCache
 from numba import njit
 from zarr.codecs import BloscCodec
 
 from compositor.percentile import SOURCE_MIN_WIDTH, Source
 
 CHUNK = 256
+DEM_CACHE_BYTES = 64 * 2**20  # decoded DEM chunks kept per open stack
 NODATA = 0
 CLOUDPROB_UNSET = 255
 CLOUDPROB_SCALE = 250.0
@@ -114,6 +116,9 @@ class Stack:
         # Local stores read scene shards through memory maps (see ShardReader); anything else
         # (an object store) goes through zarr-python.
         self._shards = ShardReader(self.path, self) if self.path.is_dir() else None
+        # Decoded DEM chunks (the DEM is compressed; zarr-python takes ~2 ms per chunk): a
+        # hillshaded tile needs ~4, and its neighbours mostly the same ones.
+        self._dem_chunks: LRUCache = LRUCache(maxsize=DEM_CACHE_BYTES, getsizeof=lambda a: a.nbytes)
 
     # ---------------------------------------------------------------- create / open
     @classmethod
@@ -297,6 +302,7 @@ class Stack:
         if dem.shape != (self.height, self.width):
             raise StackError(f"dem must be {(self.height, self.width)}, got {dem.shape}")
         d = dem.astype(np.float32)
+        self._dem_chunks.clear()
         for lv in self.levels:
             if lv.index > 0:
                 d = downsample_mean(d)
@@ -356,7 +362,7 @@ class Stack:
             if name == "dem":
                 buf = np.full((h, w), np.nan, np.float32)
                 if inside:
-                    buf[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = arr[rr0:rr1, cc0:cc1]
+                    self._read_dem(level, arr, (rr0, rr1, cc0, cc1), buf[rr0 - r0 :, cc0 - c0 :])
                 out[name] = buf
                 continue
             sel = list(bands) if name == "reflectance" and bands is not None else None
@@ -387,6 +393,27 @@ class Stack:
         if self._shards is None or window[3] < SOURCE_MIN_WIDTH:
             return None
         return self._shards.source(level, indices, bands, window)
+
+    def _read_dem(
+        self, level: int, arr: zarr.Array, box: tuple[int, int, int, int], dst: np.ndarray
+    ) -> None:
+        """DEM rows rr0:rr1, cols cc0:cc1 into dst[0:, 0:], chunk by chunk through the cache."""
+        rr0, rr1, cc0, cc1 = box
+        ch, cw = arr.chunks
+        for cy in range(rr0 // ch, (rr1 - 1) // ch + 1):
+            for cx in range(cc0 // cw, (cc1 - 1) // cw + 1):
+                key = (level, cy, cx)
+                with self._lock:
+                    chunk = self._dem_chunks.get(key)
+                if chunk is None:
+                    chunk = arr[cy * ch : (cy + 1) * ch, cx * cw : (cx + 1) * cw]
+                    with self._lock:
+                        self._dem_chunks[key] = chunk
+                y0, y1 = max(rr0, cy * ch), min(rr1, (cy + 1) * ch)
+                x0, x1 = max(cc0, cx * cw), min(cc1, (cx + 1) * cw)
+                dst[y0 - rr0 : y1 - rr0, x0 - cc0 : x1 - cc0] = chunk[
+                    y0 - cy * ch : y1 - cy * ch, x0 - cx * cw : x1 - cx * cw
+                ]
 
     def nbytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())

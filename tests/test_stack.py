@@ -145,3 +145,20 @@ def test_kernel_reads_shards_in_place_exactly_like_a_copy(tmp_path):
         ref, _ = run_source(Source.from_array(copy), mask | (copy[:, 0] == 0), qf, count=True)
         assert _nan_equal(a, ref), window
     assert st.source(0, (0, 0, 50, 100), idx, [0]) is None  # narrower than a kernel block
+
+
+def test_dem_windows_through_the_chunk_cache(tmp_path):
+    st = _stack(tmp_path, 600, 520)
+    dem = np.random.default_rng(3).normal(500, 50, (520, 600)).astype(np.float32)
+    st.set_dem(dem)
+    for window in [(0, 0, 520, 600), (250, 240, 30, 300), (-4, 590, 20, 20)]:
+        r0, c0, h, w = window
+        got = st.read(0, window, np.array([], int), ("dem",))["dem"]
+        want = np.full((h, w), np.nan, np.float32)
+        ys, xs = slice(max(r0, 0), min(r0 + h, 520)), slice(max(c0, 0), min(c0 + w, 600))
+        want[ys.start - r0 : ys.stop - r0, xs.start - c0 : xs.stop - c0] = dem[ys, xs]
+        assert np.array_equal(got, want, equal_nan=True), window
+    st.set_dem(dem + 1)  # a new DEM is not served from stale cached chunks
+    assert np.array_equal(
+        st.read(0, (0, 0, 8, 8), np.array([], int), ("dem",))["dem"], dem[:8, :8] + 1
+    )
