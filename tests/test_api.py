@@ -170,3 +170,31 @@ def test_global_layer_and_formats(server, cells):
     fc = httpx.get(f"{server}/cells.geojson").json()
     assert {f["id"] for f in fc["features"]} == set(cells)
     assert fc["features"][0]["geometry"]["type"] == "Polygon"
+
+
+def test_concurrent_tiles_equal_a_single_threaded_render(server, cells, demo_dir):
+    """Kernels read shards in place on TBB threads while other requests do the same: every
+    tile must equal the same render done alone, in this process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from compositor.render import encode_png
+    from compositor.stack import Stack
+    from compositor.tiling import ViewParams, render_area
+
+    lon, lat = cells["49NDB"]["center"]
+    tiles = [TMS.tile(lon + dx, lat + dy, 14) for dx in (-0.01, 0.01) for dy in (-0.01, 0.01)]
+    jobs = [(t, q) for t in tiles for q in (21.5, 63.5)]
+
+    def get(job):
+        t, q = job
+        url = f"{server}/cells/49NDB/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.png"
+        return httpx.get(url, params={"percentile": q}, timeout=120).content
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(get, jobs))
+    stack = Stack.open(demo_dir / "49NDB.zarr")
+    for (t, q), png in zip(jobs, got, strict=True):
+        r = render_area(
+            stack, TMS.rasterio_crs, tuple(TMS.xy_bounds(t)), 256, 256, ViewParams(percentile=q)
+        )
+        assert png == encode_png(r.rgb, r.valid), (t, q)
