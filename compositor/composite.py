@@ -24,7 +24,17 @@ class CompositeResult:
     fallback: np.ndarray  # bool (H, W) pixels that had fewer than min_clear clear observations
 
 
-STRICT, LOOSE = 1, 2  # bits of a packed mask: the exclusion mask, the fallback's looser one
+# Bits of a packed mask: the exclusion mask, the fallback's looser one, and "not among the least
+# cloudy looks of this pixel" (the last fallback before using every look).
+STRICT, LOOSE, LEAST = 1, 2, 4
+# How bad an SCL class is as a last resort (0 = clear classes): thin cirrus is mostly
+# transparent, medium-probability cloud and shadow keep some surface, high-probability cloud none.
+SCL_BADNESS = np.zeros(256, np.uint8)
+SCL_BADNESS[[10]] = 1
+SCL_BADNESS[[8, 3]] = 2
+SCL_BADNESS[[9]] = 3
+SCL_BADNESS[list(SCL_NODATA)] = 255  # never chosen
+NO_LOOK = 255
 
 
 @njit(parallel=True, cache=True)
@@ -64,6 +74,34 @@ def _bits(codes: np.ndarray, bad_codes: tuple[int, ...], pixels: int, nodata_max
     c = np.ascontiguousarray(codes, dtype=np.uint8)
     _mask_bits(c, badbits, max(int(pixels), 0), nodata_max, out)
     return out
+
+
+@njit(parallel=True, cache=True)
+def _least(badness, margin, bits):  # pragma: no cover - compiled
+    T, H, W = badness.shape
+    for y in prange(H):
+        best = np.full(W, NO_LOOK, np.int16)
+        for t in range(T):
+            for x in range(W):
+                best[x] = min(best[x], np.int16(badness[t, y, x]))
+        for t in range(T):
+            for x in range(W):
+                b = np.int16(badness[t, y, x])
+                worse = (b > best[x] + margin) | (b == NO_LOOK)
+                bits[t, y, x] |= np.uint8(worse) * np.uint8(LEAST)
+
+
+def mark_least_cloudy(bits: np.ndarray, badness: np.ndarray, margin: int = 0) -> np.ndarray:
+    """Set the LEAST bit on every look whose ``badness`` (uint8 (T, H, W), NO_LOOK = no data)
+    exceeds the pixel's best look by more than ``margin``: the fallback for pixels no mask
+    leaves clear takes its percentile over the least cloudy looks, not over all of them."""
+    _least(np.ascontiguousarray(badness, dtype=np.uint8), int(margin), bits)
+    return bits
+
+
+def scl_badness(scl: np.ndarray) -> np.ndarray:
+    """Per-look badness from SCL (SCL_BADNESS)."""
+    return SCL_BADNESS[scl]
 
 
 def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
@@ -125,7 +163,8 @@ def composite(
             f"{exclude.shape}"
         )
     masks = pack_masks(exclude, fallback_exclude)
-    return composite_source(reflectance, masks, q, min_clear, nodata, fallback_exclude is not None)
+    fallbacks = (LOOSE,) if fallback_exclude is not None else ()
+    return composite_source(reflectance, masks, q, min_clear, nodata, fallbacks)
 
 
 def pack_masks(exclude: np.ndarray, fallback_exclude: np.ndarray | None = None) -> np.ndarray:
@@ -142,22 +181,23 @@ def composite_source(
     q: float = 25.0,
     min_clear: int = 1,
     nodata: int = 0,
-    loose: bool = True,
+    fallbacks: tuple[int, ...] = (LOOSE,),
 ) -> CompositeResult:
     """``composite`` of observations read in place (a Source: no copy of the stack window)
     or of a uint16 (T, B, H, W) array.
 
-    ``masks``: uint8 (T, H, W) bits, STRICT = excluded, LOOSE = excluded by the fallback's
-    looser mask (used if ``loose``). Observations equal to ``nodata`` count as missing in every
-    pass. Pixels with fewer than ``min_clear`` clear observations are recomputed, and only
-    they, with the looser mask and then with every observation that has data."""
+    ``masks``: uint8 (T, H, W) bits: STRICT = excluded; the bits in ``fallbacks`` (LOOSE: the
+    looser mask, LEAST: not among the least cloudy looks) are tried in that order for pixels
+    with fewer than ``min_clear`` clear observations (LEAST needs one look), and only on them;
+    last, every observation with data. Observations equal to ``nodata`` count as missing in
+    every pass."""
     if isinstance(src, np.ndarray):
         w = src.shape[-1]
         if w < SOURCE_MIN_WIDTH:  # narrower than the kernel's block: pad with nodata, crop
             pad = ((0, 0), (0, 0), (0, 0), (0, SOURCE_MIN_WIDTH - w))
             refl = np.pad(src, pad, constant_values=nodata)
-            m = np.pad(masks, pad[1:], constant_values=STRICT | LOOSE)
-            r = composite_source(refl, m, q, min_clear, nodata, loose)
+            m = np.pad(masks, pad[1:], constant_values=STRICT | LOOSE | LEAST)
+            r = composite_source(refl, m, q, min_clear, nodata, fallbacks)
             return CompositeResult(r.values[..., :w], r.count[..., :w], r.fallback[..., :w])
         src = Source.from_array(np.ascontiguousarray(src, dtype=np.uint16))
     qf = [quantile_fraction(q)]
@@ -165,7 +205,7 @@ def composite_source(
     values = vals[0]
     need = count < min_clear
     fallback = np.zeros(need.shape, bool)
-    passes = ([(LOOSE, min_clear)] if loose else []) + [(0, 1)]
+    passes = [(b, 1 if b == LEAST else min_clear) for b in fallbacks] + [(0, 1)]
     for bits, enough in passes:
         if not need.any():
             break

@@ -22,11 +22,16 @@ from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 
 from compositor.composite import (
+    LEAST,
+    LOOSE,
     MASK_METHODS,
+    NO_LOOK,
     CompositeResult,
     composite_source,
+    mark_least_cloudy,
     pack_masks,
     prob_masks,
+    scl_badness,
     scl_bits,
     scl_masks,
 )
@@ -224,7 +229,7 @@ def composite_window(
     if masks is None:
         masks = _coarse_masks(stack, level, ml, window, indices, params, dil, clock)
         MASK_CACHE.put(key, masks)
-    coarse, offset, has_loose = masks
+    coarse, offset, fallbacks = masks
     # Cached at the mask level (4x smaller); repeated per request into short-lived memory,
     # which the allocator reuses (fresh pages cost ~5 us each to fault in here).
     f = stack.levels[ml].factor // stack.levels[level].factor
@@ -236,7 +241,7 @@ def composite_window(
         params.percentile,
         params.min_clear,
         stack.nodata,
-        has_loose,
+        fallbacks,
     )
     clock.lap("percentile")
     return res
@@ -263,10 +268,10 @@ def _coarse_masks(
     params: ViewParams,
     dil: int,
     clock: _Clock,
-) -> tuple[np.ndarray, tuple[int, int], bool]:
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, ...]]:
     """Exclusion mask bits (STRICT, LOOSE) for ``window`` at ``level``, computed at level
     ``ml`` (dilation ``dil`` in its pixels): (bits, offset of the window in them counted in
-    ``level`` pixels, whether a LOOSE mask exists)."""
+    ``level`` pixels, the fallback bits that apply)."""
     what = ("scl",) + (("cloudprob",) if params.mask == "segformer" else ())
     f = stack.levels[ml].factor // stack.levels[level].factor
     r0, c0, h, w = window
@@ -276,8 +281,8 @@ def _coarse_masks(
     mh, mw = -(-(r0 + h) // f) + dil - mr0, -(-(c0 + w) // f) + dil - mc0
     data = stack.read(ml, (mr0, mc0, mh, mw), indices, what)
     clock.lap("read")
-    bits, has_loose = _exclusion(data, params, dil)
-    return bits, (r0 - mr0 * f, c0 - mc0 * f), has_loose
+    bits, fallbacks = _exclusion(data, params, dil)
+    return bits, (r0 - mr0 * f, c0 - mc0 * f), fallbacks
 
 
 @njit(parallel=True, cache=True)
@@ -328,13 +333,13 @@ class MaskCache:
         )
         self.enabled = max_bytes > 0
 
-    def get(self, key: tuple) -> tuple[np.ndarray, tuple[int, int], bool] | None:
+    def get(self, key: tuple) -> tuple[np.ndarray, tuple[int, int], tuple[int, ...]] | None:
         if not self.enabled:
             return None
         with self._lock:
             return self._cache.get(key)
 
-    def put(self, key: tuple, masks: tuple[np.ndarray, tuple[int, int], bool]) -> None:
+    def put(self, key: tuple, masks: tuple[np.ndarray, tuple[int, int], tuple[int, ...]]) -> None:
         if self.enabled:
             with self._lock:
                 self._cache[key] = masks
@@ -360,19 +365,29 @@ class _Clock:
             self.t = now
 
 
+# Model probabilities (0..250) within this of a pixel's least cloudy look count as least cloudy.
+LEAST_MARGIN = 25
+# SCL badness (0..3) on the probability scale, for looks the model has not seen.
+_SCL_AS_PROB = np.array([0, 100, 175, 250], np.uint8)
+
+
 def _exclusion(
     data: dict[str, np.ndarray], params: ViewParams, dil: int
-) -> tuple[np.ndarray, bool]:
-    """Packed exclusion masks (STRICT, LOOSE bits) for the chosen mask method, and whether the
-    LOOSE (fallback) mask exists."""
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Packed exclusion masks (STRICT, LOOSE, LEAST bits) for the chosen mask method, and the
+    fallback bits that apply, in order."""
     scl = data["scl"]
     if params.mask == "none":
-        return np.zeros(scl.shape, np.uint8), False
+        return np.zeros(scl.shape, np.uint8), ()
+    sb = scl_badness(scl)
     if params.mask == "scl":
-        return scl_bits(scl, dil), True
+        return mark_least_cloudy(scl_bits(scl, dil), sb), (LOOSE, LEAST)
     bad_scl, nodata = scl_masks(scl, dil)
     cp = data["cloudprob"]
     have = cp[:, 0] != CLOUDPROB_UNSET  # scenes/pixels the model has not seen fall back to SCL
     bad = np.where(have, prob_masks(cp, params.cloud_threshold, dil), bad_scl)
     loose = np.where(have, prob_masks(cp, params.cloud_threshold, 0), scl_masks(scl, 0)[0])
-    return pack_masks(bad | nodata, loose | nodata), True
+    bits = pack_masks(bad | nodata, loose | nodata)
+    badness = np.where(have, cp.max(axis=1), _SCL_AS_PROB[np.minimum(sb, 3)])
+    badness[nodata] = NO_LOOK
+    return mark_least_cloudy(bits, badness, LEAST_MARGIN), (LOOSE, LEAST)

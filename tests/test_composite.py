@@ -132,3 +132,25 @@ def test_masks_repeat_from_the_coarse_level():
     for oy, ox, h, w in [(0, 0, 40, 42), (1, 3, 30, 33), (2, 1, 17, 40)]:
         assert np.array_equal(repeat_window(a, 2, (oy, ox, h, w)), big[:, oy : oy + h, ox : ox + w])
     assert np.array_equal(repeat_window(a, 1, (1, 2, 5, 6)), a[:, 1:6, 2:8])
+
+
+def test_last_resort_takes_the_least_cloudy_looks_not_all():
+    from compositor.composite import (
+        LEAST,
+        LOOSE,
+        STRICT,
+        composite_source,
+        mark_least_cloudy,
+        scl_badness,
+    )
+
+    scl = np.array([9, 9, 10, 8, 0], np.uint8)[:, None, None].repeat(3, 1).repeat(140, 2)
+    refl = np.array([9000, 8000, 3000, 7000, 0], np.uint16)[:, None, None, None]
+    refl = np.broadcast_to(refl, (5, 2, 3, 140)).copy()
+    bits = np.full(scl.shape, STRICT | LOOSE, np.uint8)  # every look cloudy
+    mark_least_cloudy(bits, scl_badness(scl))
+    assert (bits[2] & LEAST == 0).all() and (bits[[0, 1, 3, 4]] & LEAST != 0).all()
+    res = composite_source(refl, bits, 75, 1, 0, (LOOSE, LEAST))
+    assert (res.values == 3000).all() and res.fallback.all()  # the thin-cirrus look
+    res = composite_source(refl, bits, 75, 1, 0, (LOOSE,))  # without it: all looks
+    assert (res.values == np.percentile([9000, 8000, 3000, 7000], 75)).all()
