@@ -39,9 +39,14 @@ def _fail(msg: str, code: int = 2) -> None:
 def demo(
     data: DataDir = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if the demo data exists")] = False,
+    masks: Annotated[
+        bool, typer.Option(help="Also write the shipped model's cloud masks (mask=segformer)")
+    ] = True,
 ) -> None:
     """Build the embedded demo data (a real Romania cell and a synthetic cloudy cell)."""
     from compositor.demo import build_demo, default_data_dir
+    from compositor.masks.model import MaskModelError, load_model
+    from compositor.masks.predict import mask_stack
     from compositor.stack import Stack
 
     _setup_logging()
@@ -56,6 +61,14 @@ def demo(
             f"{cid}: {len(s.complete_indices())} scenes, {s.width}x{s.height} px, "
             f"{s.nbytes_on_disk() / 1e6:.1f} MB at {path}"
         )
+    if masks:
+        try:
+            model = load_model()
+        except MaskModelError as exc:
+            _fail(str(exc))
+        for cid, path in built.items():
+            rep = mask_stack(path, model=model)  # scenes already masked are skipped
+            typer.echo(f"{cid}: model masks for {rep.done} scenes ({rep.skipped} already done)")
 
 
 @app.command()
