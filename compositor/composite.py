@@ -77,30 +77,37 @@ def _bits(codes: np.ndarray, bad_codes: tuple[int, ...], pixels: int, nodata_max
 
 
 @njit(parallel=True, cache=True)
-def _least(badness, margin, bits):  # pragma: no cover - compiled
-    T, H, W = badness.shape
+def _least(codes, lut, margin, bits):  # pragma: no cover - compiled
+    T, H, W = codes.shape
     for y in prange(H):
         best = np.full(W, NO_LOOK, np.int16)
         for t in range(T):
             for x in range(W):
-                best[x] = min(best[x], np.int16(badness[t, y, x]))
+                best[x] = min(best[x], np.int16(lut[codes[t, y, x]]))
         for t in range(T):
             for x in range(W):
-                b = np.int16(badness[t, y, x])
+                b = np.int16(lut[codes[t, y, x]])
                 worse = (b > best[x] + margin) | (b == NO_LOOK)
                 bits[t, y, x] |= np.uint8(worse) * np.uint8(LEAST)
 
 
-def mark_least_cloudy(bits: np.ndarray, badness: np.ndarray, margin: int = 0) -> np.ndarray:
-    """Set the LEAST bit on every look whose ``badness`` (uint8 (T, H, W), NO_LOOK = no data)
-    exceeds the pixel's best look by more than ``margin``: the fallback for pixels no mask
-    leaves clear takes its percentile over the least cloudy looks, not over all of them."""
-    _least(np.ascontiguousarray(badness, dtype=np.uint8), int(margin), bits)
+_IDENTITY = np.arange(256, dtype=np.uint8)
+
+
+def mark_least_cloudy(
+    bits: np.ndarray, codes: np.ndarray, lut: np.ndarray | None = None, margin: int = 0
+) -> np.ndarray:
+    """Set the LEAST bit on every look whose badness (``lut[codes]``, or ``codes`` itself;
+    uint8 (T, H, W), NO_LOOK = no data) exceeds the pixel's best look by more than ``margin``:
+    the fallback for pixels no mask leaves clear takes its percentile over the least cloudy
+    looks, not over all of them."""
+    table = _IDENTITY if lut is None else np.asarray(lut, np.uint8)
+    _least(np.ascontiguousarray(codes, dtype=np.uint8), table, int(margin), bits)
     return bits
 
 
 def scl_badness(scl: np.ndarray) -> np.ndarray:
-    """Per-look badness from SCL (SCL_BADNESS)."""
+    """Per-look badness from SCL (SCL_BADNESS), as an array."""
     return SCL_BADNESS[scl]
 
 

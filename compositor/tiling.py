@@ -26,6 +26,7 @@ from compositor.composite import (
     LOOSE,
     MASK_METHODS,
     NO_LOOK,
+    SCL_BADNESS,
     CompositeResult,
     composite_source,
     mark_least_cloudy,
@@ -379,15 +380,15 @@ def _exclusion(
     scl = data["scl"]
     if params.mask == "none":
         return np.zeros(scl.shape, np.uint8), ()
-    sb = scl_badness(scl)
     if params.mask == "scl":
-        return mark_least_cloudy(scl_bits(scl, dil), sb), (LOOSE, LEAST)
+        return mark_least_cloudy(scl_bits(scl, dil), scl, SCL_BADNESS), (LOOSE, LEAST)
     bad_scl, nodata = scl_masks(scl, dil)
     cp = data["cloudprob"]
     have = cp[:, 0] != CLOUDPROB_UNSET  # scenes/pixels the model has not seen fall back to SCL
     bad = np.where(have, prob_masks(cp, params.cloud_threshold, dil), bad_scl)
     loose = np.where(have, prob_masks(cp, params.cloud_threshold, 0), scl_masks(scl, 0)[0])
     bits = pack_masks(bad | nodata, loose | nodata)
+    sb = scl_badness(scl)
     badness = np.where(have, cp.max(axis=1), _SCL_AS_PROB[np.minimum(sb, 3)])
     badness[nodata] = NO_LOOK
-    return mark_least_cloudy(bits, badness, LEAST_MARGIN), (LOOSE, LEAST)
+    return mark_least_cloudy(bits, badness, None, LEAST_MARGIN), (LOOSE, LEAST)

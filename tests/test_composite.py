@@ -138,6 +138,7 @@ def test_last_resort_takes_the_least_cloudy_looks_not_all():
     from compositor.composite import (
         LEAST,
         LOOSE,
+        SCL_BADNESS,
         STRICT,
         composite_source,
         mark_least_cloudy,
@@ -148,7 +149,8 @@ def test_last_resort_takes_the_least_cloudy_looks_not_all():
     refl = np.array([9000, 8000, 3000, 7000, 0], np.uint16)[:, None, None, None]
     refl = np.broadcast_to(refl, (5, 2, 3, 140)).copy()
     bits = np.full(scl.shape, STRICT | LOOSE, np.uint8)  # every look cloudy
-    mark_least_cloudy(bits, scl_badness(scl))
+    mark_least_cloudy(bits, scl, SCL_BADNESS)
+    assert np.array_equal(bits, mark_least_cloudy(bits.copy(), scl_badness(scl)))
     assert (bits[2] & LEAST == 0).all() and (bits[[0, 1, 3, 4]] & LEAST != 0).all()
     res = composite_source(refl, bits, 75, 1, 0, (LOOSE, LEAST))
     assert (res.values == 3000).all() and res.fallback.all()  # the thin-cirrus look
