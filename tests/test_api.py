@@ -198,3 +198,18 @@ def test_concurrent_tiles_equal_a_single_threaded_render(server, cells, demo_dir
             stack, TMS.rasterio_crs, tuple(TMS.xy_bounds(t)), 256, 256, ViewParams(percentile=q)
         )
         assert png == encode_png(r.rgb, r.valid), (t, q)
+
+
+def test_server_timing_reports_the_stages(server, cells):
+    from tileserver.timing import parse
+
+    t = _center_tile(cells["49NDB"], 14)
+    url = f"{server}/cells/49NDB/tiles/WebMercatorQuad/{t.z}/{t.x}/{t.y}.png"
+    cold = httpx.get(url, params={"percentile": 33.3, "hillshade": 0.4})
+    stages = parse(cold.headers["server-timing"])
+    for stage in ("read", "mask", "percentile", "hillshade", "warp", "render", "encode", "total"):
+        assert stages[stage] >= 0, stage
+    assert stages["total"] >= stages["percentile"] + stages["encode"]
+    assert cold.headers["timing-allow-origin"] == "*"
+    hit = httpx.get(url, params={"percentile": 33.3, "hillshade": 0.4})
+    assert hit.headers["server-timing"] == "cache;desc=hit"

@@ -16,6 +16,8 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from morecantile import TileMatrixSet
+from morecantile.defaults import TileMatrixSets
 from pyproj import Transformer
 from rio_tiler.models import ImageData
 from titiler.core.dependencies import DefaultDependency
@@ -29,6 +31,7 @@ from compositor.grid import transform_bounds_to_lonlat
 from compositor.render import encode_png
 from compositor.stack import Stack
 from compositor.tiling import MASK_CACHE, NoData, ViewParams, render_area
+from tileserver import timing
 from tileserver.cache import TileCacheMiddleware
 from tileserver.params import ViewQuery
 from tileserver.reader import CellsMosaicReader, StackReader
@@ -61,10 +64,29 @@ def render_tile(
 ) -> tuple[bytes, str]:
     """PNG through the fast encoder (tiles are rendered uint8 RGB already); other formats
     through titiler's renderer."""
+    t0 = time.perf_counter()
     if output_format in (None, ImageType.png):
         valid = ~np.ma.getmaskarray(image.array)[0]
-        return encode_png(np.asarray(image.array.data), valid), "image/png"
-    return render_image(image, output_format=output_format, **kwargs)
+        out = encode_png(np.asarray(image.array.data), valid), "image/png"
+    else:
+        out = render_image(image, output_format=output_format, **kwargs)
+    timing.record({"encode": time.perf_counter() - t0})
+    return out
+
+
+class SharedTileMatrixSets(TileMatrixSets):
+    """morecantile's registry without its deep copy of the TMS on every request (3.6 ms of a
+    cold tile, measured): the tile routes only read it."""
+
+    def get(self, identifier: str) -> TileMatrixSet:
+        hit = _TMS_CACHE.get(identifier)
+        if hit is None:
+            hit = _TMS_CACHE[identifier] = super().get(identifier)
+        return hit
+
+
+_TMS_CACHE: dict[str, TileMatrixSet] = {}
+SHARED_TMS = SharedTileMatrixSets(dict(morecantile.tms.tilematrixsets))
 
 
 class StackTilerFactory(TilerFactory):
@@ -184,6 +206,7 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
         process_dependency=lambda: None,
         colormap_dependency=lambda: None,
         render_func=render_tile,
+        supported_tms=SHARED_TMS,
         add_viewer=False,
         add_preview=False,
         add_part=False,

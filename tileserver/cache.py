@@ -16,6 +16,8 @@ from urllib.parse import parse_qsl, urlencode
 
 from cachetools import LRUCache
 
+from tileserver import timing
+
 TILE_MAX_AGE = 3600  # tiles change only when a stack gains scenes or masks
 
 
@@ -96,9 +98,10 @@ class TileCacheMiddleware:
         if hit is not None:
             self.stats.hits += 1
             body, ctype, etag = hit
-            return await self._reply(send, scope, body, ctype, etag, inm)
+            return await self._reply(send, scope, body, ctype, etag, inm, timing=b"cache;desc=hit")
 
         t0 = time.perf_counter()
+        stages, token = timing.open_record()
         captured: dict = {"status": 0, "headers": [], "body": []}
 
         async def capture(message):
@@ -108,7 +111,10 @@ class TileCacheMiddleware:
             elif message["type"] == "http.response.body":
                 captured["body"].append(message.get("body", b""))
 
-        await self.app(scope, receive, capture)
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            timing.close_record(token)
         body = b"".join(captured["body"])
         status = captured["status"]
         if status != 200:
@@ -119,16 +125,19 @@ class TileCacheMiddleware:
             await send({"type": "http.response.body", "body": body})
             return
         self.stats.rendered += 1
-        self.stats.render_seconds += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.stats.render_seconds += elapsed
         ctype = dict(captured["headers"]).get(b"content-type", b"application/octet-stream")
         if ctype == b"image/jpg":  # titiler's name; the registered media type is image/jpeg
             ctype = b"image/jpeg"
         etag = etag_of(body)
         if self.enabled:  # the event loop is the only thread touching the cache
             self.cache[key] = (body, ctype, etag)
-        await self._reply(send, scope, body, ctype, etag, inm, captured["headers"])
+        await self._reply(
+            send, scope, body, ctype, etag, inm, captured["headers"], timing.header(stages, elapsed)
+        )
 
-    async def _reply(self, send, scope, body, ctype, etag, inm, extra=()):
+    async def _reply(self, send, scope, body, ctype, etag, inm, extra=(), timing=b""):
         headers = [
             (k, v)
             for k, v in extra
@@ -139,6 +148,8 @@ class TileCacheMiddleware:
             (b"etag", etag),
             (b"cache-control", f"public, max-age={TILE_MAX_AGE}".encode()),
         ]
+        if timing:  # stage times for the browser's network panel, readable from any origin
+            headers += [(b"server-timing", timing), (b"timing-allow-origin", b"*")]
         if inm is not None and etag in [t.strip() for t in inm.split(b",")]:
             self.stats.not_modified += 1
             await send({"type": "http.response.start", "status": 304, "headers": headers})

@@ -14,6 +14,7 @@ from rio_tiler.models import BandStatistics, ImageData, Info, PointData
 
 from compositor.stack import Stack
 from compositor.tiling import NoData, ViewParams, render_area
+from tileserver import timing
 
 
 class _TilesOnly:
@@ -71,6 +72,7 @@ class StackReader(_TilesOnly, BaseReader):
             r = render_area(self.input, self.tms.rasterio_crs, bounds, size, size, self.params)
         except NoData as exc:
             raise TileOutsideBounds(str(exc)) from None
+        timing.record(r.timings)
         mask = np.broadcast_to(~r.valid, r.rgb.shape)
         return ImageData(
             np.ma.MaskedArray(r.rgb, mask=mask),
