@@ -148,6 +148,51 @@ def prob_masks(cloudprob: np.ndarray, threshold: float, dilate_px: int = 0) -> n
     return dilate(bad, dilate_px)
 
 
+# Model probabilities (0..250) within this of a pixel's least cloudy look count as least cloudy.
+LEAST_MARGIN = 25
+# SCL badness (0..3) on the probability scale, for looks the model has not seen.
+_SCL_AS_PROB = np.array([0, 100, 175, 250], np.uint8)
+_CLEAR, _BAD = 2, 3  # codes handed to _mask_bits (0 = nodata)
+
+
+@njit(parallel=True, cache=True)
+def _prob_codes(scl, cp, thr, scl_bad, scl_rank, codes, badness):  # pragma: no cover
+    """Per look: the model's verdict where it predicted the scene, SCL's elsewhere."""
+    T, H, W = scl.shape
+    for t in prange(T):
+        for y in range(H):
+            for x in range(W):
+                c = scl[t, y, x]
+                a = cp[t, 0, y, x]
+                p = max(a, cp[t, 1, y, x])
+                if c <= 1:  # SCL nodata / defective
+                    codes[t, y, x] = 0
+                    badness[t, y, x] = NO_LOOK
+                elif a != CLOUDPROB_UNSET:
+                    codes[t, y, x] = _BAD if p > thr else _CLEAR
+                    badness[t, y, x] = p
+                else:
+                    codes[t, y, x] = _BAD if scl_bad[c] else _CLEAR
+                    badness[t, y, x] = scl_rank[c]
+
+
+def prob_bits(
+    scl: np.ndarray, cloudprob: np.ndarray, threshold: float, dilate_px: int
+) -> np.ndarray:
+    """Packed exclusion masks (STRICT, LOOSE, LEAST) from the model's probabilities (T, 2, H,
+    W) uint8, and SCL for scenes (pixels) the model has not seen; nodata from SCL."""
+    scl = np.ascontiguousarray(scl, dtype=np.uint8)
+    codes = np.empty(scl.shape, np.uint8)
+    badness = np.empty(scl.shape, np.uint8)
+    scl_bad = np.zeros(256, np.uint8)
+    scl_bad[list(SCL_CLOUD + SCL_SHADOW)] = 1
+    rank = _SCL_AS_PROB[np.minimum(SCL_BADNESS, 3)]
+    thr = int(round(threshold * CLOUDPROB_SCALE))
+    _prob_codes(scl, np.ascontiguousarray(cloudprob), thr, scl_bad, rank, codes, badness)
+    bits = _bits(codes, (_BAD,), dilate_px, 0)
+    return mark_least_cloudy(bits, badness, None, LEAST_MARGIN)
+
+
 def composite(
     reflectance: np.ndarray,
     exclude: np.ndarray,

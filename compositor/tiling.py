@@ -25,16 +25,12 @@ from compositor.composite import (
     LEAST,
     LOOSE,
     MASK_METHODS,
-    NO_LOOK,
     SCL_BADNESS,
     CompositeResult,
     composite_source,
     mark_least_cloudy,
-    pack_masks,
-    prob_masks,
-    scl_badness,
+    prob_bits,
     scl_bits,
-    scl_masks,
 )
 from compositor.hillshade import hillshade
 from compositor.render import (
@@ -366,12 +362,6 @@ class _Clock:
             self.t = now
 
 
-# Model probabilities (0..250) within this of a pixel's least cloudy look count as least cloudy.
-LEAST_MARGIN = 25
-# SCL badness (0..3) on the probability scale, for looks the model has not seen.
-_SCL_AS_PROB = np.array([0, 100, 175, 250], np.uint8)
-
-
 def _exclusion(
     data: dict[str, np.ndarray], params: ViewParams, dil: int
 ) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -382,13 +372,5 @@ def _exclusion(
         return np.zeros(scl.shape, np.uint8), ()
     if params.mask == "scl":
         return mark_least_cloudy(scl_bits(scl, dil), scl, SCL_BADNESS), (LOOSE, LEAST)
-    bad_scl, nodata = scl_masks(scl, dil)
-    cp = data["cloudprob"]
-    have = cp[:, 0] != CLOUDPROB_UNSET  # scenes/pixels the model has not seen fall back to SCL
-    bad = np.where(have, prob_masks(cp, params.cloud_threshold, dil), bad_scl)
-    loose = np.where(have, prob_masks(cp, params.cloud_threshold, 0), scl_masks(scl, 0)[0])
-    bits = pack_masks(bad | nodata, loose | nodata)
-    sb = scl_badness(scl)
-    badness = np.where(have, cp.max(axis=1), _SCL_AS_PROB[np.minimum(sb, 3)])
-    badness[nodata] = NO_LOOK
-    return mark_least_cloudy(bits, badness, None, LEAST_MARGIN), (LOOSE, LEAST)
+    bits = prob_bits(scl, data["cloudprob"], params.cloud_threshold, dil)
+    return bits, (LOOSE, LEAST)

@@ -156,3 +156,37 @@ def test_last_resort_takes_the_least_cloudy_looks_not_all():
     assert (res.values == 3000).all() and res.fallback.all()  # the thin-cirrus look
     res = composite_source(refl, bits, 75, 1, 0, (LOOSE,))  # without it: all looks
     assert (res.values == np.percentile([9000, 8000, 3000, 7000], 75)).all()
+
+
+def test_model_masks_follow_the_model_where_it_ran_and_scl_elsewhere():
+    from scipy.ndimage import binary_dilation
+
+    from compositor.composite import (
+        _SCL_AS_PROB,
+        LEAST,
+        LEAST_MARGIN,
+        LOOSE,
+        SCL_BADNESS,
+        STRICT,
+        prob_bits,
+    )
+
+    rng = np.random.default_rng(6)
+    t, h, w = 6, 20, 24
+    scl = rng.choice(np.array([0, 3, 4, 5, 8, 9, 10], np.uint8), (t, h, w))
+    cp = rng.integers(0, 251, (t, 2, h, w)).astype(np.uint8)
+    cp[3:] = 255  # scenes 3.. were not predicted: SCL decides there
+    bits = prob_bits(scl, cp, 0.4, 1)
+    nodata = scl <= 1
+    have = cp[:, 0] != 255
+    p = cp.max(axis=1)
+    bad = np.where(have, p > 100, np.isin(scl, [3, 8, 9, 10])) & ~nodata
+    square = np.ones((3, 3), bool)
+    strict = np.stack([binary_dilation(b, square) for b in bad]) | nodata
+    assert np.array_equal((bits & STRICT) != 0, strict)
+    assert np.array_equal((bits & LOOSE) != 0, bad | nodata)
+    badness = np.where(
+        nodata, 255, np.where(have, p, _SCL_AS_PROB[np.minimum(SCL_BADNESS[scl], 3)])
+    )
+    best = badness.astype(int).min(axis=0)
+    assert np.array_equal((bits & LEAST) != 0, (badness > best + LEAST_MARGIN) | (badness == 255))
