@@ -3,14 +3,16 @@
     python bench/tiles.py [--tiles 60] [--json]
 
 Builds (once, reused from bench/.data/) a synthetic 100-scene stack of 2048 x 2048 px at 10 m
-(20.5 km x 20.5 km) and the same scenes as 100 RGB COGs. Then, in one run:
+(20.5 km x 20.5 km) with SCL and the shipped model's cloud masks, and the same scenes as 100 RGB
+COGs. Then, in one run:
 - ClearSky through `clearsky serve` on 127.0.0.1: cold tiles at the native zoom, cold tiles at a
   low zoom where one tile covers the whole stack (cold = a percentile never asked before, so the
-  tile cache cannot answer), and the same native tiles again (cached);
+  tile cache cannot answer), the same native tiles again (cached), and, in a fresh server
+  process, the native tiles with mask=segformer;
 - rio-tiler's `mosaic_reader` with `MedianMethod` over the 100 COGs for the same native tiles
   (in-process, so it pays no HTTP: the comparison favours the baseline);
 - a per-stage breakdown of ClearSky's cold tiles, as the server reports it in Server-Timing
-  (plain, and with the DEM hillshade blended in).
+  (plain, with the DEM hillshade blended in, and with mask=segformer).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from rio_tiler.mosaic.methods import MedianMethod  # noqa: E402
 
 from compositor.demo import SYNTH_CELL, build_synthetic  # noqa: E402
 from compositor.grid import transform_bounds_to_lonlat  # noqa: E402
+from compositor.masks.model import load_model  # noqa: E402
+from compositor.masks.predict import mask_stack  # noqa: E402
 from compositor.stack import Stack, StackError  # noqa: E402
 from tileserver.timing import parse as parse_server_timing  # noqa: E402
 
@@ -46,15 +50,17 @@ SIZE, DATES, SEED = 2048, 100, 11
 
 
 def build_stack() -> Stack:
+    """The bench stack with SCL and the shipped model's cloud masks (both built once)."""
     path = DATA / f"{SYNTH_CELL}.zarr"
     try:
         st = Stack.open(path)
-        if st.meta.get("built") and len(st.complete_indices()) == DATES:
-            return st
+        built = st.meta.get("built") and len(st.complete_indices()) == DATES
     except StackError:
-        pass
-    print(f"building the {DATES}-scene {SIZE}x{SIZE} bench stack (once) ...", flush=True)
-    build_synthetic(DATA, seed=SEED, size=SIZE, n_dates=DATES)
+        built = False
+    if not built:
+        print(f"building the {DATES}-scene {SIZE}x{SIZE} bench stack (once) ...", flush=True)
+        build_synthetic(DATA, seed=SEED, size=SIZE, n_dates=DATES)
+    mask_stack(path, model=load_model())  # scenes already masked are skipped
     return Stack.open(path)
 
 
@@ -208,7 +214,25 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    # The same tiles with the model's masks, in a fresh server process (so no scene pages are
+    # mapped yet, like the first run).
+    proc = start_server(args.port)
+    try:
+        with httpx.Client(timeout=60) as client:
+            for t in tiles[:3]:
+                timed_get(client, f"{base}/{t.z}/{t.x}/{t.y}.png", {"percentile": 2})
+            seg_stages: list[dict[str, float]] = []
+            seg = [
+                timed_get(
+                    client, f"{base}/{t.z}/{t.x}/{t.y}.png", {"mask": "segformer"}, seg_stages
+                )
+                for t in tiles
+            ]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
     res["clearsky_cold_native"] = pct(cold)
+    res["clearsky_cold_native_segformer"] = pct(seg)
     res["clearsky_cold_whole_stack"] = pct(lowt)
     res["clearsky_cached"] = pct(cached)
 
@@ -227,6 +251,7 @@ def main() -> None:
     # Where a cold tile's time goes, as the server measured it (Server-Timing, ms).
     res["stages_ms"] = stage_medians(cold_stages)
     res["stages_hillshade_ms"] = stage_medians(shade_stages)
+    res["stages_segformer_ms"] = stage_medians(seg_stages)
     res["speedup_vs_mosaic_p50"] = (
         res["rio_tiler_mosaic_median"]["p50"] / res["clearsky_cold_native"]["p50"]
     )
@@ -238,6 +263,7 @@ def main() -> None:
     print(f"{'path':40} {'n':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
     for key, label in [
         ("clearsky_cold_native", "ClearSky cold, native zoom (HTTP)"),
+        ("clearsky_cold_native_segformer", "  same, mask=segformer (HTTP)"),
         ("clearsky_cold_whole_stack", "ClearSky cold, whole-stack tile (HTTP)"),
         ("clearsky_cached", "ClearSky cached (HTTP)"),
         ("rio_tiler_mosaic_median", "rio-tiler mosaic_reader Median (in-proc)"),
@@ -248,7 +274,11 @@ def main() -> None:
         f"\nClearSky cold native vs rio-tiler mosaic (p50): "
         f"{res['speedup_vs_mosaic_p50']:.1f}x faster"
     )
-    for key, label in (("stages_ms", "default"), ("stages_hillshade_ms", "hillshade 0.5")):
+    for key, label in (
+        ("stages_ms", "default"),
+        ("stages_hillshade_ms", "hillshade 0.5"),
+        ("stages_segformer_ms", "mask=segformer"),
+    ):
         st = res[key]
         print(
             f"stage breakdown, {label} (median ms, cold native tiles, from Server-Timing): "
