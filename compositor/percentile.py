@@ -70,6 +70,17 @@ _N, _LO, _HI, _VA, _VB, _MID, _CNT, _LIM, _RAW, _MSK = (_u(i * _LANES) for i in 
 _SLOTS = 10
 
 
+def _emit_prefetch(builder, ptr) -> None:
+    """llvm.prefetch(ptr: i8*, read, keep in all cache levels, data cache)."""
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    # Intrinsic name differs between opaque (LLVM >= 15) and typed pointer llvmlite.
+    name = "llvm.prefetch.p0" if str(i8p) == "ptr" else "llvm.prefetch.p0i8"
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+
+
 @intrinsic
 def _prefetch(typingctx, arr, idx):
     """Software prefetch of ``arr[idx]`` (llvm.prefetch: read, keep in all cache levels)."""
@@ -79,13 +90,7 @@ def _prefetch(typingctx, arr, idx):
     def codegen(context, builder, sig, args):
         ary = context.make_array(sig.args[0])(context, builder, args[0])
         i8p = ir.IntType(8).as_pointer()
-        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
-        i32 = ir.IntType(32)
-        # Intrinsic name differs between opaque (LLVM >= 15) and typed pointer llvmlite.
-        name = "llvm.prefetch.p0" if str(i8p) == "ptr" else "llvm.prefetch.p0i8"
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        _emit_prefetch(builder, builder.bitcast(builder.gep(ary.data, [args[1]]), i8p))
         return context.get_dummy_value()
 
     return types.void(arr, idx), codegen
@@ -118,13 +123,7 @@ def _prefetch_at(typingctx, addr):
         return None
 
     def codegen(context, builder, sig, args):
-        i8p = ir.IntType(8).as_pointer()
-        ptr = builder.inttoptr(args[0], i8p)
-        i32 = ir.IntType(32)
-        name = "llvm.prefetch.p0" if str(i8p) == "ptr" else "llvm.prefetch.p0i8"
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        _emit_prefetch(builder, builder.inttoptr(args[0], ir.IntType(8).as_pointer()))
         return context.get_dummy_value()
 
     return types.void(addr), codegen
