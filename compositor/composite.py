@@ -106,18 +106,6 @@ def mark_least_cloudy(
     return bits
 
 
-def scl_badness(scl: np.ndarray) -> np.ndarray:
-    """Per-look badness from SCL (SCL_BADNESS), as an array."""
-    return SCL_BADNESS[scl]
-
-
-def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
-    """Grow a (T, H, W) mask by ``pixels`` in each scene (square structuring element)."""
-    if pixels <= 0:
-        return mask
-    return (_bits(mask.view(np.uint8), (1,), pixels, -1) & STRICT).view(bool)
-
-
 def scl_bits(scl: np.ndarray, dilate_px: int) -> np.ndarray:
     """Packed exclusion masks from SCL in one pass: STRICT = cloud/shadow dilated by
     ``dilate_px`` or nodata; LOOSE = the same undilated (the fallback's mask). Only
@@ -127,31 +115,13 @@ def scl_bits(scl: np.ndarray, dilate_px: int) -> np.ndarray:
     return _bits(scl, SCL_CLOUD + SCL_SHADOW, dilate_px, max(SCL_NODATA))
 
 
-def scl_masks(scl: np.ndarray, dilate_px: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(cloud_or_shadow dilated, nodata) masks from SCL."""
-    bad = _bits(scl, SCL_CLOUD + SCL_SHADOW, dilate_px, -1) & STRICT
-    return bad.view(bool), scl <= 1
-
-
-def scl_exclusion(scl: np.ndarray, dilate_px: int) -> tuple[np.ndarray, np.ndarray]:
-    """``scl_bits`` as two bool masks (strict, loose)."""
-    bits = scl_bits(scl, dilate_px)
-    return (bits & STRICT).view(bool), ((bits & LOOSE) >> 1).view(bool)
-
-
-def prob_masks(cloudprob: np.ndarray, threshold: float, dilate_px: int = 0) -> np.ndarray:
-    """Cloud-or-shadow mask from stored probabilities (T, 2, H, W) uint8; unset counts as clear
-    only where nothing was predicted — callers check ``cloudprob_missing`` first."""
-    t = int(round(threshold * CLOUDPROB_SCALE))
-    p = cloudprob.max(axis=1)
-    bad = (p > t) & (p != CLOUDPROB_UNSET)
-    return dilate(bad, dilate_px)
-
-
 # Model probabilities (0..250) within this of a pixel's least cloudy look count as least cloudy.
 LEAST_MARGIN = 25
 # SCL badness (0..3) on the probability scale, for looks the model has not seen.
 _SCL_AS_PROB = np.array([0, 100, 175, 250], np.uint8)
+_SCL_PROB_RANK = _SCL_AS_PROB[np.minimum(SCL_BADNESS, 3)]  # per SCL code
+_SCL_IS_BAD = np.zeros(256, np.uint8)
+_SCL_IS_BAD[list(SCL_CLOUD + SCL_SHADOW)] = 1
 _CLEAR, _BAD = 2, 3  # codes handed to _mask_bits (0 = nodata)
 
 
@@ -184,11 +154,9 @@ def prob_bits(
     scl = np.ascontiguousarray(scl, dtype=np.uint8)
     codes = np.empty(scl.shape, np.uint8)
     badness = np.empty(scl.shape, np.uint8)
-    scl_bad = np.zeros(256, np.uint8)
-    scl_bad[list(SCL_CLOUD + SCL_SHADOW)] = 1
-    rank = _SCL_AS_PROB[np.minimum(SCL_BADNESS, 3)]
     thr = int(round(threshold * CLOUDPROB_SCALE))
-    _prob_codes(scl, np.ascontiguousarray(cloudprob), thr, scl_bad, rank, codes, badness)
+    cp = np.ascontiguousarray(cloudprob)
+    _prob_codes(scl, cp, thr, _SCL_IS_BAD, _SCL_PROB_RANK, codes, badness)
     bits = _bits(codes, (_BAD,), dilate_px, 0)
     return mark_least_cloudy(bits, badness, None, LEAST_MARGIN)
 

@@ -204,8 +204,8 @@ def composite_window(
         indices = stack.complete_indices(params.start, params.end, params.months)
     band_idx = [stack.bands.index(b) for b in (bands or stack.bands)]
     ml = mask_level(stack, level)
-    mfactor = stack.levels[ml].factor
-    dil = math.ceil(params.dilate / mfactor) if params.dilate > 0 else 0
+    f = stack.levels[ml].factor // stack.levels[level].factor  # mask pixel = f x f window pixels
+    dil = math.ceil(params.dilate / stack.levels[ml].factor) if params.dilate > 0 else 0
     # Masks depend on the window, the scenes and the mask options, not on the percentile or
     # the display: a user dragging the percentile slider re-uses them.
     key = (
@@ -224,12 +224,11 @@ def composite_window(
     data = {} if src is not None else stack.read(level, window, indices, ("reflectance",), band_idx)
     clock.lap("read")
     if masks is None:
-        masks = _coarse_masks(stack, level, ml, window, indices, params, dil, clock)
+        masks = _coarse_masks(stack, ml, f, window, indices, params, dil, clock)
         MASK_CACHE.put(key, masks)
     coarse, offset, fallbacks = masks
     # Cached at the mask level (4x smaller); repeated per request into short-lived memory,
-    # which the allocator reuses (fresh pages cost ~5 us each to fault in here).
-    f = stack.levels[ml].factor // stack.levels[level].factor
+    # which the allocator reuses (fresh pages cost ~4 us each to fault in here).
     bits = repeat_window(coarse, f, (*offset, window[2], window[3]))
     clock.lap("mask")
     res = composite_source(
@@ -258,19 +257,18 @@ def mask_level(stack: Stack, level: int) -> int:
 
 def _coarse_masks(
     stack: Stack,
-    level: int,
     ml: int,
+    f: int,
     window: tuple[int, int, int, int],
     indices: np.ndarray,
     params: ViewParams,
     dil: int,
     clock: _Clock,
 ) -> tuple[np.ndarray, tuple[int, int], tuple[int, ...]]:
-    """Exclusion mask bits (STRICT, LOOSE) for ``window`` at ``level``, computed at level
-    ``ml`` (dilation ``dil`` in its pixels): (bits, offset of the window in them counted in
-    ``level`` pixels, the fallback bits that apply)."""
+    """Exclusion mask bits (STRICT, LOOSE, LEAST) for ``window``, computed at level ``ml``
+    whose pixels are f x f window pixels (dilation ``dil`` in ``ml`` pixels): (bits, offset
+    of the window in them counted in window pixels, the fallback bits that apply)."""
     what = ("scl",) + (("cloudprob",) if params.mask == "segformer" else ())
-    f = stack.levels[ml].factor // stack.levels[level].factor
     r0, c0, h, w = window
     # The coarse window covers the fine one plus the dilation radius, so dilation near the
     # window's edges sees the clouds just outside it.
@@ -287,7 +285,8 @@ def _repeat2(src, oy, ox, out):  # pragma: no cover - compiled
     """out = src repeated 2 x 2 from offset (oy, ox) in the repeated grid (uint8). A coarse
     row becomes uint16 pairs (b * 257) written contiguously, then copied to its fine rows."""
     T, H, W = out.shape
-    w2 = (W + ox % 2 + 1) // 2
+    o = ox % 2
+    w2 = (W + o + 1) // 2
     for t in prange(T):
         pair = np.empty(w2, np.uint16)
         row = pair.view(np.uint8)
@@ -298,7 +297,6 @@ def _repeat2(src, oy, ox, out):  # pragma: no cover - compiled
                 for x in range(w2):
                     pair[x] = np.uint16(src[t, sy, ox // 2 + x]) * np.uint16(257)
                 prev = sy
-            o = ox % 2
             for x in range(W):
                 out[t, y, x] = row[o + x]
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from compositor.composite import composite, dilate, scl_masks
+from compositor.composite import LOOSE, STRICT, composite, scl_bits
 
 
 def test_count_fallback_and_every_pixel_gets_a_value():
@@ -32,14 +32,15 @@ def test_fallback_prefers_the_looser_mask_over_everything():
     assert res.values[0, 0, 0] == 1200
 
 
-def test_scl_masks_and_dilation():
+def test_scl_bits_dilate_clouds_but_not_nodata():
     scl = np.full((1, 9, 9), 4, np.uint8)
     scl[0, 4, 4] = 9
     scl[0, 0, 0] = 0
-    bad, nodata = scl_masks(scl, dilate_px=2)
-    assert bad[0, 2:7, 2:7].all() and bad.sum() == 25
-    assert nodata[0, 0, 0] and nodata.sum() == 1
-    assert np.array_equal(dilate(bad, 0), bad)
+    bits = scl_bits(scl, 2)
+    strict, loose = (bits & STRICT) != 0, (bits & LOOSE) != 0
+    assert strict[0, 2:7, 2:7].all() and strict[0, 0, 0] and strict.sum() == 26
+    assert loose[0, 4, 4] and loose[0, 0, 0] and loose.sum() == 2
+    assert np.array_equal((scl_bits(scl, 0) & STRICT) != 0, loose)
 
 
 def test_png_encoder_roundtrips_exactly():
@@ -59,30 +60,22 @@ def test_png_encoder_roundtrips_exactly():
     assert img.shape == (37, 53, 3) and np.array_equal(img, rgb.transpose(1, 2, 0))
 
 
-def test_fused_scl_exclusion_equals_the_parts():
-    from compositor.composite import scl_exclusion
+def test_scl_bits_equal_scipy_dilation_of_clouds_plus_nodata():
+    from scipy.ndimage import binary_dilation
 
     rng = np.random.default_rng(3)
     scl = rng.choice(
         np.array([0, 1, 3, 4, 5, 8, 9, 10], np.uint8),
-        (5, 31, 29),
-        p=[0.05, 0.02, 0.05, 0.5, 0.28, 0.04, 0.03, 0.03],
+        (5, 31, 43),
+        p=[0.05, 0.02, 0.01, 0.57, 0.28, 0.03, 0.02, 0.02],
     )
-    for d in (0, 2):
-        strict, loose = scl_exclusion(scl, d)
-        bad, nodata = scl_masks(scl, d)
-        assert np.array_equal(strict, bad | nodata)
-        assert np.array_equal(loose, scl_masks(scl, 0)[0] | nodata)
-
-
-def test_dilation_equals_scipy_binary_dilation():
-    from scipy.ndimage import binary_dilation
-
-    rng = np.random.default_rng(4)
-    mask = rng.random((3, 23, 41)) < 0.03
-    for r in (1, 2, 5, 30):
-        want = np.stack([binary_dilation(m, np.ones((2 * r + 1,) * 2, bool)) for m in mask])
-        assert np.array_equal(dilate(mask, r), want), r
+    bad = np.isin(scl, [3, 8, 9, 10])
+    nodata = scl <= 1
+    for r in (0, 1, 2, 5, 30):
+        want = np.stack([binary_dilation(m, np.ones((2 * r + 1,) * 2, bool)) for m in bad])
+        bits = scl_bits(scl, r)
+        assert np.array_equal((bits & STRICT) != 0, want | nodata), r
+        assert np.array_equal((bits & LOOSE) != 0, bad | nodata), r
 
 
 def _reference(refl, strict, loose, q, min_clear, nodata=0):
@@ -142,7 +135,6 @@ def test_last_resort_takes_the_least_cloudy_looks_not_all():
         STRICT,
         composite_source,
         mark_least_cloudy,
-        scl_badness,
     )
 
     scl = np.array([9, 9, 10, 8, 0], np.uint8)[:, None, None].repeat(3, 1).repeat(140, 2)
@@ -150,7 +142,7 @@ def test_last_resort_takes_the_least_cloudy_looks_not_all():
     refl = np.broadcast_to(refl, (5, 2, 3, 140)).copy()
     bits = np.full(scl.shape, STRICT | LOOSE, np.uint8)  # every look cloudy
     mark_least_cloudy(bits, scl, SCL_BADNESS)
-    assert np.array_equal(bits, mark_least_cloudy(bits.copy(), scl_badness(scl)))
+    assert np.array_equal(bits, mark_least_cloudy(bits.copy(), SCL_BADNESS[scl]))
     assert (bits[2] & LEAST == 0).all() and (bits[[0, 1, 3, 4]] & LEAST != 0).all()
     res = composite_source(refl, bits, 75, 1, 0, (LOOSE, LEAST))
     assert (res.values == 3000).all() and res.fallback.all()  # the thin-cirrus look
