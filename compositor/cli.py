@@ -136,97 +136,206 @@ def mask(
 @app.command()
 def train(
     stacks: Annotated[
-        list[Path] | None, typer.Argument(help="Stacks (.zarr) to train on", show_default=False)
+        list[Path] | None,
+        typer.Argument(help="Your stacks (.zarr) to learn from with their SCL", show_default=False),
+    ] = None,
+    real: Annotated[
+        bool,
+        typer.Option(
+            help="Learn from the real samples in $CLEARSKY_SHARED_DATA (default ../shared/data): "
+            "Romania cube (SCL) and clear surfaces of wright and 29RKH west"
+        ),
+    ] = False,
+    real_npz: Annotated[
+        Path | None,
+        typer.Option(help="Use this export of the real samples instead (--export-real)"),
+    ] = None,
+    export_real: Annotated[
+        Path | None, typer.Option(help="Only write the real samples to this .npz and exit")
     ] = None,
     synthetic_seeds: Annotated[
-        str, typer.Option(help="Also build synthetic cells of these seeds, e.g. 101-108")
+        str, typer.Option(help="Synthetic cells (truth labels) of these seeds, e.g. 101-108")
     ] = "",
     synthetic_size: Annotated[int, typer.Option(help="Synthetic cell size (px)")] = 512,
     synthetic_dates: Annotated[int, typer.Option(help="Synthetic cell dates")] = 32,
-    real: Annotated[
-        bool, typer.Option(help="Also build the real Romania cell ($CLEARSKY_ROMANIA_NC or PyPI)")
-    ] = False,
+    procedural: Annotated[
+        int, typer.Option(help="Procedural clear landscapes to put simulated skies over")
+    ] = 0,
     workdir: Annotated[
-        Path | None, typer.Option(help="Where built training stacks go (default: temporary)")
+        Path | None, typer.Option(help="Work folder for the real export (default: temporary)")
     ] = None,
     out: Annotated[Path, typer.Option(help="Model to write (.safetensors + .json)")] = Path(
         "segformer.safetensors"
     ),
     steps: Annotated[int, typer.Option(help="Optimiser steps")] = 2000,
     batch: Annotated[int, typer.Option(help="Patches per step")] = 8,
-    patch: Annotated[int, typer.Option(help="Patch side (px)")] = 128,
+    patch: Annotated[int, typer.Option(help="Patch side (px, a multiple of 16, >= 64)")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate")] = 2e-3,
-    levels: Annotated[str, typer.Option(help="Stack levels to sample, e.g. 0,1,2")] = "0,1,2",
-    labels: Annotated[str, typer.Option(help="auto (truth where a stack has it) | scl | truth")] = (
-        "auto"
-    ),
+    levels: Annotated[str, typer.Option(help="Levels of labelled stacks, e.g. 0,1,2")] = "0,1,2",
+    sim_share: Annotated[
+        float, typer.Option(help="Share of patches that are clear surfaces with simulated skies")
+    ] = 0.7,
     scl_share: Annotated[
-        float, typer.Option(help="Share of patches from SCL-labelled stacks when mixed")
-    ] = 0.25,
-    seed: Annotated[int, typer.Option(help="Random seed (data sampling, init)")] = 0,
+        float, typer.Option(help="Among labelled patches, the share labelled by SCL")
+    ] = 0.5,
+    features: Annotated[str, typer.Option(help="Model input: linear+log | linear")] = (
+        "linear+log"
+    ),
+    seed: Annotated[int, typer.Option(help="Random seed (data, simulation, init)")] = 0,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Checkpoint file (default: OUT with .ckpt)")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint")] = False,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default)")] = 0,
+    workers: Annotated[int, typer.Option(help="Processes building the data (0: all cores)")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    max_minutes: Annotated[
+        float, typer.Option(help="Stop early (and save) after this many minutes (0: never)")
+    ] = 0.0,
     segformer: Annotated[
         str, typer.Option(help="SegformerConfig overrides as JSON, e.g. '{\"depths\": [1,1,2,2]}'")
     ] = "",
+    sky: Annotated[
+        str, typer.Option(help="Sky scenario weights as JSON, e.g. '{\"overcast\": 0.2}'")
+    ] = "",
 ) -> None:
-    """Train the cloud/shadow SegFormer on stacks (SCL labels, or synthetic truth where present)."""
+    """Train the cloud/shadow SegFormer: clear surfaces under simulated skies (exact labels) and
+    labelled scenes (SCL, or a synthetic cell's truth)."""
     import json
     import shlex
+    import shutil
     import sys
     import tempfile
 
-    from compositor.masks.train import (
-        TrainConfig,
-        build_training_stacks,
-        parse_seeds,
-        train_and_save,
-    )
-    from compositor.stack import StackError
+    from compositor.masks.model import FEATURES
+    from compositor.masks.samples import shared_data_dir
+    from compositor.masks.train import TrainConfig, parse_seeds
 
     _setup_logging()
-    if threads > 0:
-        import torch
-
-        torch.set_num_threads(threads)
-    lv = tuple(int(v) for v in levels.split(",") if v.strip())
+    # Every argument is checked before any data is built.
+    try:
+        seeds = parse_seeds(synthetic_seeds)
+    except ValueError as exc:
+        _fail(f"--synthetic-seeds: {exc}")
+    try:
+        lv = tuple(int(v) for v in levels.split(",") if v.strip())
+    except ValueError:
+        _fail(f"--levels are integers separated by commas, got {levels!r}")
+    if not lv or any(not 0 <= v <= 6 for v in lv):
+        _fail(f"--levels must be 0..6, got {levels!r}")
+    if patch < 64 or patch % 16:
+        _fail(f"--patch must be a multiple of 16 and >= 64, got {patch}")
+    if features not in FEATURES:
+        _fail(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        _fail(f"--device must be auto, cpu or cuda, got {device!r}")
+    if synthetic_size < 64 or synthetic_dates < 2 or procedural < 0:
+        _fail("--synthetic-size must be >= 64, --synthetic-dates >= 2, --procedural >= 0")
+    try:
+        overrides = json.loads(segformer) if segformer else {}
+        if not isinstance(overrides, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        _fail(f"--segformer must be a JSON object: {exc}")
+    try:
+        sky_overrides = json.loads(sky) if sky else {}
+        if not isinstance(sky_overrides, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        _fail(f"--sky must be a JSON object: {exc}")
     try:
         cfg = TrainConfig(
+            sky=sky_overrides,
             steps=steps,
             batch=batch,
             patch=patch,
             lr=lr,
             levels=lv,
             level_weights={(0, 1, 2): (0.3, 0.5, 0.2)}.get(lv, tuple(1.0 for _ in lv)),
-            labels=labels,
+            sim_share=sim_share,
             scl_share=scl_share,
+            features=features,
             seed=seed,
-            segformer=json.loads(segformer) if segformer else {},
+            segformer=overrides,
         )
     except ValueError as exc:
         _fail(str(exc))
+    for s in stacks or []:
+        if not (s / "zarr.json").is_file():
+            _fail(f"{s} is not a stack (no zarr.json)")
+    if real_npz is not None and not real_npz.is_file():
+        _fail(f"--real-npz {real_npz} is not a file")
+    root = shared_data_dir()
+    if (real or export_real) and real_npz is None and not root.is_dir():
+        _fail(f"--real needs the real samples at {root} (set CLEARSKY_SHARED_DATA)")
+    if not (stacks or real or real_npz or seeds or procedural or export_real):
+        _fail("nothing to train on: give stacks, --real, --synthetic-seeds or --procedural")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("--device cuda: no CUDA device here")
+
+    from compositor.masks.trainset import build_bank
+    from compositor.masks.trainset import export_real as do_export
+
+    try:
+        from compositor.stack import StackError
+    except ImportError:  # a GPU box with only numpy and torch trains from --real-npz
+        StackError = RuntimeError  # noqa: N806
+
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    temp = workdir is None
     work = workdir or Path(tempfile.mkdtemp(prefix="clearsky-train-"))
     try:
-        paths = list(stacks or []) + build_training_stacks(
-            work, parse_seeds(synthetic_seeds), synthetic_size, synthetic_dates, real
-        )
-    except (RuntimeError, FileNotFoundError, StackError) as exc:
-        _fail(str(exc))
-    if not paths:
-        _fail("nothing to train on: give stacks, --synthetic-seeds or --real")
-    ckpt = checkpoint or out.with_suffix(".ckpt")
-    command = shlex.join(["clearsky", *sys.argv[1:]])
-    try:
-        res = train_and_save(paths, out, cfg, ckpt, resume, command=command)
-    except (StackError, ValueError) as exc:
-        _fail(str(exc))
-    for kind, s in res.val.items():
+        try:
+            if export_real:
+                do_export(export_real, work, seed=seed, root=root)
+                typer.echo(f"wrote {export_real}")
+                return
+            npz = real_npz
+            if real and npz is None:
+                npz = do_export(work / "real.npz", work, seed=seed, root=root)
+            bank = build_bank(
+                npz,
+                seeds,
+                synthetic_size,
+                synthetic_dates,
+                procedural,
+                stacks or [],
+                lv,
+                seed,
+                workers=workers or None,
+            )
+        except (RuntimeError, FileNotFoundError, StackError, ValueError, OSError) as exc:
+            _fail(str(exc))
+        from compositor.masks.train import train_and_save
+
+        ckpt = checkpoint or out.with_suffix(".ckpt")
+        command = shlex.join(["clearsky", *sys.argv[1:]])
+        try:
+            res = train_and_save(
+                bank,
+                out,
+                cfg,
+                ckpt,
+                resume,
+                command=command,
+                device=None if device == "auto" else device,
+                max_minutes=max_minutes or None,
+            )
+        except (StackError, ValueError) as exc:
+            _fail(str(exc))
+    finally:
+        if temp:
+            shutil.rmtree(work, ignore_errors=True)
+    for kind, sc in res.val.items():
         typer.echo(
-            f"held-out {kind:9} cloud F1 {s['cloud_f1']:.3f}  shadow F1 {s['shadow_f1']:.3f}  "
-            f"balanced acc {s['balanced_accuracy']:.3f}"
+            f"held-out {kind:10} cloud F1 {sc['cloud_f1']:.3f}  shadow F1 {sc['shadow_f1']:.3f}  "
+            f"balanced acc {sc['balanced_accuracy']:.3f}"
         )
     typer.echo(f"wrote {out.with_suffix('.safetensors')} in {res.seconds / 60:.1f} min")
 

@@ -58,6 +58,23 @@ DEFAULT_SEGFORMER: dict[str, Any] = {
 DEFAULT_MEAN = (0.12, 0.12, 0.12, 0.25)
 DEFAULT_STD = (0.15, 0.14, 0.15, 0.14)
 MAX_REFLECTANCE = 2.0  # clip: saturated / odd DNs must not blow up the normalisation
+# Input features built inside the model from the 4 bands: "linear" (reflectance) or
+# "linear+log" (reflectance and log reflectance: band ratios, which do not change with
+# illumination or a gain, become differences the first layer can form).
+FEATURES = ("linear", "linear+log")
+LOG_EPS = 0.01  # reflectance added before the log: keeps dark water and noise finite
+
+
+def n_features(features: str) -> int:
+    return len(BANDS) * (2 if features == "linear+log" else 1)
+
+
+def make_features(reflectance: torch.Tensor, features: str) -> torch.Tensor:
+    """(N, 4, H, W) reflectance -> (N, C, H, W) model input before normalisation."""
+    x = reflectance.clamp(0.0, MAX_REFLECTANCE)
+    if features == "linear+log":
+        return torch.cat([x, torch.log(x + LOG_EPS)], dim=1)
+    return x
 
 
 class MaskModelError(RuntimeError):
@@ -78,11 +95,17 @@ class CloudMaskModel(nn.Module):
         mean: tuple[float, ...] = DEFAULT_MEAN,
         std: tuple[float, ...] = DEFAULT_STD,
         meta: dict[str, Any] | None = None,
+        features: str = "linear",
     ):
         super().__init__()
         from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-        cfg = {**DEFAULT_SEGFORMER, **(segformer or {})}
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, not {features!r}")
+        self.features = features
+        cfg = {**DEFAULT_SEGFORMER, **(segformer or {}), "num_channels": n_features(features)}
+        if len(mean) != cfg["num_channels"] or len(std) != cfg["num_channels"]:
+            raise ValueError(f"mean/std need {cfg['num_channels']} values for {features!r}")
         self.config = SegformerConfig(**cfg)
         self.net = SegformerForSemanticSegmentation(self.config)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -91,7 +114,7 @@ class CloudMaskModel(nn.Module):
         self.source: dict[str, str] = {}  # path and sha256 of the file it was loaded from
 
     def forward(self, reflectance: torch.Tensor) -> torch.Tensor:
-        z = (reflectance.clamp(0.0, MAX_REFLECTANCE) - self.mean) / self.std
+        z = (make_features(reflectance, self.features) - self.mean) / self.std
         logits = self.net(pixel_values=z).logits
         return F.interpolate(
             logits, size=reflectance.shape[-2:], mode="bilinear", align_corners=False
@@ -124,11 +147,15 @@ def build_model(
     mean: tuple[float, ...] = DEFAULT_MEAN,
     std: tuple[float, ...] = DEFAULT_STD,
     seed: int | None = None,
+    features: str = "linear",
 ) -> CloudMaskModel:
     """A freshly initialised model (deterministic when ``seed`` is given)."""
     if seed is not None:
         torch.manual_seed(seed)
-    return CloudMaskModel(segformer, mean, std)
+    if features != "linear" and mean == DEFAULT_MEAN:
+        mean = DEFAULT_MEAN + tuple(float(np.log(m + LOG_EPS)) for m in DEFAULT_MEAN)
+        std = DEFAULT_STD + (1.0,) * len(DEFAULT_STD)
+    return CloudMaskModel(segformer, mean, std, features=features)
 
 
 def model_paths(path: str | Path) -> tuple[Path, Path]:
@@ -150,8 +177,9 @@ def save_model(model: CloudMaskModel, path: str | Path) -> Path:
         "format": FORMAT,
         "bands": list(BANDS),
         "classes": list(CLASSES),
-        "input": "surface reflectance 0..1 (L2A DN / 10000), any of 10-60 m",
+        "input": "reflectance 0..1 (L2A or L1C DN / 10000, offset removed), 10 m to 1 km",
         "output": "logits (clear, cloud, shadow) at the input resolution",
+        "features": model.features,
         "segformer": model.segformer_config(),
         "mean": model.mean.flatten().tolist(),
         "std": model.std.flatten().tolist(),
@@ -184,7 +212,11 @@ def load_model(
         if doc.get("format") != FORMAT:
             raise ValueError(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
         model = CloudMaskModel(
-            doc["segformer"], tuple(doc["mean"]), tuple(doc["std"]), doc.get("meta")
+            doc["segformer"],
+            tuple(doc["mean"]),
+            tuple(doc["std"]),
+            doc.get("meta"),
+            features=doc.get("features", "linear"),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise MaskModelError(config, f"corrupt or unsupported config ({exc})") from None

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from compositor.masks.model import BANDS, DEFAULT_MODEL, CloudMaskModel, load_model
-from compositor.stack import CLOUDPROB_SCALE, Stack, StackError
+
+CLOUDPROB_SCALE = 250.0  # = compositor.stack.CLOUDPROB_SCALE (kept import-free: a GPU box
+# training the model has torch but not the stack's zarr)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,19 @@ def _starts(n: int, tile: int) -> list[int]:
     return [*range(0, n - tile, tile), n - tile]
 
 
+def _fill_nodata(win: np.ndarray) -> np.ndarray:
+    """No-data pixels (all bands 0) take their nearest valid pixel's values: a black gap next
+    to real data looks like a shadow or water edge to the model (its output there is zeroed
+    anyway). Only windows that hold no data pay for it."""
+    nodata = ~(win != 0).any(axis=0)
+    if not nodata.any() or nodata.all():
+        return win
+    from scipy import ndimage
+
+    idx = ndimage.distance_transform_edt(nodata, return_distances=False, return_indices=True)
+    return win[:, idx[0], idx[1]]
+
+
 @torch.inference_mode()
 def _predict_array(model: CloudMaskModel, x: np.ndarray, tile: int, margin: int) -> np.ndarray:
     """Softmax probabilities (3, H, W) of reflectance ``x`` (4, H, W), tile by tile: cores of
@@ -70,7 +85,7 @@ def _predict_array(model: CloudMaskModel, x: np.ndarray, tile: int, margin: int)
                 r1, c1 = min(r0 + tile, h), min(c0 + tile, w)
                 top, left = min(margin, r0), min(margin, c0)
                 rr1, cc1 = min(r1 + margin, h), min(c1 + margin, w)
-                win = x[:, r0 - top : rr1, c0 - left : cc1]
+                win = _fill_nodata(x[:, r0 - top : rr1, c0 - left : cc1])
                 ph = max(-(-win.shape[1] // align) * align, min_side)
                 pw = max(-(-win.shape[2] // align) * align, min_side)
                 if (ph, pw) != win.shape[1:]:
@@ -110,6 +125,17 @@ def cloud_probabilities(
     return probs
 
 
+def classes(probs: np.ndarray) -> np.ndarray:
+    """(2, H, W) [cloud, shadow] probabilities -> uint8 (H, W) class of the largest of clear,
+    cloud and shadow (0 clear, 1 cloud, 2 shadow; a tie with clear is clear)."""
+    cloud, shadow = probs[0], probs[1]
+    clear = 1.0 - cloud - shadow
+    out = np.zeros(cloud.shape, np.uint8)
+    out[(shadow > cloud) & (shadow > clear)] = 2
+    out[(cloud >= shadow) & (cloud > clear)] = 1
+    return out
+
+
 def to_uint8(probs: np.ndarray) -> np.ndarray:
     """float (2, H, W) probabilities -> the stack's uint8 encoding (x 250, 255 kept for unset)."""
     return np.clip(np.rint(probs * CLOUDPROB_SCALE), 0, CLOUDPROB_SCALE).astype(np.uint8)
@@ -139,7 +165,7 @@ class MaskReport:
     megapixels: float
 
 
-def default_level(stack: Stack) -> int:
+def default_level(stack) -> int:  # noqa: ANN001 - a compositor.stack.Stack
     """20 m (level 1 of a 10 m stack): the resolution of Sen2Cor's own SCL, 4x fewer pixels."""
     return stack.level_for_resolution(20.0).index
 
@@ -159,6 +185,8 @@ def mask_stack(
     interrupted run resumes where it stopped; ``force`` redoes everything.
     """
     from tqdm import tqdm
+
+    from compositor.stack import Stack, StackError
 
     stack = Stack.open(path, mode="r+")
     lv_index = default_level(stack) if level is None else int(level)
