@@ -21,7 +21,7 @@ import rasterio
 from rasterio.windows import Window
 
 from compositor.stack import Stack
-from compositor.tiling import ViewParams, composite_window
+from compositor.tiling import ViewParams, composite_window, effective_mask, mask_dilation
 
 log = logging.getLogger(__name__)
 BLOCK = 1024
@@ -41,7 +41,8 @@ def composite_cell(
     idx = stack.complete_indices(params.start, params.end, params.months)
     if len(idx) == 0:
         raise ValueError(f"cell {stack.cell_id}: no scene matches the date filters")
-    halo = math.ceil(params.dilate / lv.factor) + 1 if params.dilate > 0 else 1
+    dilate = mask_dilation(effective_mask(stack, idx, params.mask), params.dilate)
+    halo = math.ceil(dilate / lv.factor) + 1 if dilate > 0 else 1
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     nb = len(stack.bands)

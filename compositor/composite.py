@@ -14,7 +14,7 @@ from compositor.stack import CLOUDPROB_SCALE, CLOUDPROB_UNSET
 SCL_NODATA = (0, 1)  # no data, saturated/defective
 SCL_CLOUD = (8, 9, 10)  # cloud medium, cloud high, thin cirrus
 SCL_SHADOW = (3,)
-MASK_METHODS = ("scl", "segformer", "none")
+MASK_METHODS = ("auto", "scl", "segformer", "none")  # auto: the model where it ran, else SCL
 
 
 @dataclass

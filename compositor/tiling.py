@@ -41,10 +41,15 @@ from compositor.render import (
     to_rgb8,
 )
 from compositor.stack import CLOUDPROB_SCALE, CLOUDPROB_UNSET, Stack
+from compositor.temporal import scene_levels, temporal_veto
 from compositor.warp import warp
 
 LAYERS = ("composite", "count", "date", "cloud")
 RGB_BANDS = ("B04", "B03", "B02")
+# Default dilation (10 m pixels) per mask: Sen2Cor draws cloud and shadow tight, so SCL needs
+# a margin; the model was trained on soft cloud edges and is dilated less (see bench/quality.py).
+DILATE_SCL = 3
+DILATE_MODEL = 1
 HALO = 2  # extra native pixels around a window so bilinear warping has neighbours at edges
 
 
@@ -57,9 +62,12 @@ class ViewParams:
     start: dt.date | None = None
     end: dt.date | None = None
     months: tuple[int, ...] | None = None
-    mask: str = "scl"
+    mask: str = "auto"
     cloud_threshold: float = 0.4
-    dilate: int = 3  # in 10 m pixels; converted per level so the look does not change with zoom
+    # In 10 m pixels, converted per level so the look does not change with zoom; None: the
+    # mask's own default (DILATE_SCL or DILATE_MODEL).
+    dilate: int | None = None
+    temporal: bool = True  # the multi-temporal test (compositor.temporal) on top of the mask
     min_clear: int = 1
     rescale: tuple[float, float] = DEFAULT_RESCALE
     gamma: float = DEFAULT_GAMMA
@@ -205,7 +213,10 @@ def composite_window(
     band_idx = [stack.bands.index(b) for b in (bands or stack.bands)]
     ml = mask_level(stack, level)
     f = stack.levels[ml].factor // stack.levels[level].factor  # mask pixel = f x f window pixels
-    dil = math.ceil(params.dilate / stack.levels[ml].factor) if params.dilate > 0 else 0
+    method = effective_mask(stack, indices, params.mask)
+    dilate = mask_dilation(method, params.dilate)
+    dil = math.ceil(dilate / stack.levels[ml].factor) if dilate > 0 else 0
+    temporal = params.temporal and method != "none" and _has_bands(stack, TEMPORAL_BANDS)
     # Masks depend on the window, the scenes and the mask options, not on the percentile or
     # the display: a user dragging the percentile slider re-uses them.
     key = (
@@ -213,10 +224,11 @@ def composite_window(
         level,
         window,
         indices.tobytes(),
-        params.mask,
-        params.cloud_threshold if params.mask == "segformer" else None,
+        method,
+        params.cloud_threshold if method == "segformer" else None,
         dil,
-        stack.mask_version(indices) if params.mask == "segformer" else None,
+        temporal,
+        stack.mask_version(indices) if method == "segformer" else None,
     )
     masks = MASK_CACHE.get(key)
     # Locally the kernel reads the reflectance in place (no 40 MB copy per tile); else read it.
@@ -224,7 +236,7 @@ def composite_window(
     data = {} if src is not None else stack.read(level, window, indices, ("reflectance",), band_idx)
     clock.lap("read")
     if masks is None:
-        masks = _coarse_masks(stack, ml, f, window, indices, params, dil, clock)
+        masks = _coarse_masks(stack, ml, f, window, indices, params, method, dil, temporal, clock)
         MASK_CACHE.put(key, masks)
     coarse, offset, fallbacks = masks
     # Cached at the mask level (4x smaller); repeated per request into short-lived memory,
@@ -246,6 +258,70 @@ def composite_window(
 MASK_RESOLUTION = 20.0  # m: SCL and the cloud model are 20 m products, so masks are made there
 
 
+TEMPORAL_BANDS = ("B02", "B08")  # blue rises under cloud, NIR falls in shadow
+_LEVELS: LRUCache = LRUCache(maxsize=64)
+_LEVELS_LOCK = threading.Lock()
+LEVELS_MIN_SIDE = 64  # px: the scene-wide levels are measured on the coarsest level this big
+
+
+def look_levels(
+    stack: Stack, indices: np.ndarray, method: str, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each look's scene-wide (blue, NIR) level for the temporal test, measured once on the
+    whole cell at a coarse level (cached): a tile's result must not depend on its window."""
+    key = (
+        str(stack.path),
+        indices.tobytes(),
+        method,
+        threshold if method == "segformer" else None,
+        stack.mask_version(indices) if method == "segformer" else None,
+    )
+    with _LEVELS_LOCK:
+        hit = _LEVELS.get(key)
+    if hit is not None:
+        return hit
+    lv = 0
+    while (
+        lv + 1 < len(stack.levels)
+        and min(stack.levels[lv + 1].width, stack.levels[lv + 1].height) >= LEVELS_MIN_SIDE
+    ):
+        lv += 1
+    L = stack.levels[lv]
+    win = (0, 0, L.height, L.width)
+    what = ("scl",) + (("cloudprob",) if method == "segformer" else ())
+    data = stack.read(lv, win, indices, what)
+    tb = [stack.bands.index(b) for b in TEMPORAL_BANDS]
+    refl = stack.read(lv, win, indices, ("reflectance",), tb)["reflectance"]
+    bits, _ = _exclusion(data, method, threshold, 0)
+    levels = (
+        scene_levels(bits, refl[:, 0], stack.nodata),
+        scene_levels(bits, refl[:, 1], stack.nodata),
+    )
+    with _LEVELS_LOCK:
+        _LEVELS[key] = levels
+    return levels
+
+
+def _has_bands(stack: Stack, bands: tuple[str, ...]) -> bool:
+    return all(b in stack.bands for b in bands)
+
+
+def effective_mask(stack: Stack, indices: np.ndarray, mask: str) -> str:
+    """``auto`` -> ``segformer`` where any of the looks has model masks (the model's verdict
+    is used per look where it ran, SCL's elsewhere), else ``scl``."""
+    if mask != "auto":
+        return mask
+    has_model = any("cloudprob" in stack.scenes[int(i)].extra for i in indices)
+    return "segformer" if has_model else "scl"
+
+
+def mask_dilation(method: str, dilate: int | None) -> int:
+    """Dilation in 10 m pixels: the request's, else the mask's default."""
+    if dilate is not None:
+        return dilate
+    return DILATE_MODEL if method == "segformer" else DILATE_SCL
+
+
 def mask_level(stack: Stack, level: int) -> int:
     """The level masks for ``level`` are computed at: the coarsest one still as fine as
     MASK_RESOLUTION (20 m for a 10 m window: a quarter of the SCL reads and dilation work)."""
@@ -262,21 +338,32 @@ def _coarse_masks(
     window: tuple[int, int, int, int],
     indices: np.ndarray,
     params: ViewParams,
+    method: str,
     dil: int,
+    temporal: bool,
     clock: _Clock,
 ) -> tuple[np.ndarray, tuple[int, int], tuple[int, ...]]:
     """Exclusion mask bits (STRICT, LOOSE, LEAST) for ``window``, computed at level ``ml``
     whose pixels are f x f window pixels (dilation ``dil`` in ``ml`` pixels): (bits, offset
     of the window in them counted in window pixels, the fallback bits that apply)."""
-    what = ("scl",) + (("cloudprob",) if params.mask == "segformer" else ())
+    what = ("scl",) + (("cloudprob",) if method == "segformer" else ())
     r0, c0, h, w = window
     # The coarse window covers the fine one plus the dilation radius, so dilation near the
     # window's edges sees the clouds just outside it.
     mr0, mc0 = r0 // f - dil, c0 // f - dil
     mh, mw = -(-(r0 + h) // f) + dil - mr0, -(-(c0 + w) // f) + dil - mc0
-    data = stack.read(ml, (mr0, mc0, mh, mw), indices, what)
+    mwin = (mr0, mc0, mh, mw)
+    data = stack.read(ml, mwin, indices, what)
+    if temporal:
+        tb = [stack.bands.index(b) for b in TEMPORAL_BANDS]
+        data["temporal"] = stack.read(ml, mwin, indices, ("reflectance",), tb)["reflectance"]
     clock.lap("read")
-    bits, fallbacks = _exclusion(data, params, dil)
+    bits, fallbacks = _exclusion(data, method, params.cloud_threshold, dil)
+    if temporal:
+        levels = look_levels(stack, indices, method, params.cloud_threshold)
+        blue, nir = data["temporal"][:, 0], data["temporal"][:, 1]
+        bits = temporal_veto(bits, blue, nir, stack.nodata, levels=levels)
+        clock.lap("temporal")
     return bits, (r0 - mr0 * f, c0 - mc0 * f), fallbacks
 
 
@@ -361,14 +448,14 @@ class _Clock:
 
 
 def _exclusion(
-    data: dict[str, np.ndarray], params: ViewParams, dil: int
+    data: dict[str, np.ndarray], method: str, threshold: float, dil: int
 ) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Packed exclusion masks (STRICT, LOOSE, LEAST bits) for the chosen mask method, and the
-    fallback bits that apply, in order."""
+    """Packed exclusion masks (STRICT, LOOSE, LEAST bits) for the mask method (not auto), and
+    the fallback bits that apply, in order."""
     scl = data["scl"]
-    if params.mask == "none":
+    if method == "none":
         return np.zeros(scl.shape, np.uint8), ()
-    if params.mask == "scl":
+    if method == "scl":
         return mark_least_cloudy(scl_bits(scl, dil), scl, SCL_BADNESS), (LOOSE, LEAST)
-    bits = prob_bits(scl, data["cloudprob"], params.cloud_threshold, dil)
+    bits = prob_bits(scl, data["cloudprob"], threshold, dil)
     return bits, (LOOSE, LEAST)

@@ -10,10 +10,10 @@ const DISPLAY_TILES = 'tiles/WebMercatorQuad/{z}/{x}/{y}{r}.png'; // {r}: @2x on
 // Viewer layers; 'hillshade' is the composite with the DEM's relief blended in.
 const LAYERS = ['composite', 'hillshade', 'count', 'date', 'cloud'];
 const ONE_SCENE = ['date', 'cloud']; // one scene of one cell: other cells have other dates
-const MASKS = ['scl', 'segformer', 'none'];
+const MASKS = ['auto', 'scl', 'segformer', 'none'];
 const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
 const DEFAULTS = {
-  cell: '', layer: 'composite', percentile: 25, hillshade: 0.5, mask: 'scl', start: '', end: '',
+  cell: '', layer: 'composite', percentile: 25, hillshade: 0.5, mask: 'auto', start: '', end: '',
   months: '', date: '',
 };
 const ISO_DATE = /^\d{4}-\d{2}-\d{2}$/;
@@ -134,7 +134,7 @@ function tileQuery() {
   } else {
     if (layer === 'composite') p.push(['percentile', state.percentile]);
     if (state.layer === 'hillshade') p.push(['hillshade', state.hillshade]);
-    p.push(['mask', state.mask]);
+    if (state.mask !== 'auto') p.push(['mask', state.mask]);  // the server's default
     for (const k of ['start', 'end', 'months']) if (state[k]) p.push([k, state[k]]);
   }
   return p.map(([k, v]) => `${k}=${q(v)}`).join('&');

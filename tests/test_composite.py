@@ -182,3 +182,48 @@ def test_model_masks_follow_the_model_where_it_ran_and_scl_elsewhere():
     )
     best = badness.astype(int).min(axis=0)
     assert np.array_equal((bits & LEAST) != 0, (badness > best + LEAST_MARGIN) | (badness == 255))
+
+
+def test_temporal_test_drops_bright_and_dark_outliers_only():
+    """A pixel's looks the mask calls clear: a steady surface, one look much brighter in blue
+    (a thin cloud the mask missed), one much darker in NIR and blue (a missed shadow), and one
+    with only NIR lower (the season, not a shadow). Only the first two are dropped; looks the
+    mask already drops are left alone; nodata is never touched."""
+    from compositor.composite import LOOSE, STRICT
+    from compositor.temporal import temporal_veto
+
+    T = 8
+    blue = np.full((T, 1, 1), 400, np.uint16)
+    nir = np.full((T, 1, 1), 3000, np.uint16)
+    blue[5], nir[5] = 1200, 3300  # thin cloud: blue +800
+    blue[6], nir[6] = 250, 1500  # shadow: darker in both
+    blue[7], nir[7] = 420, 2000  # autumn: NIR down, blue not
+    bits = np.zeros((T, 1, 1), np.uint8)
+    bits[0] = STRICT | LOOSE  # the mask already drops this one
+    blue[1] = 0  # no data
+    out = temporal_veto(bits, blue, nir)
+    dropped = [t for t in range(T) if out[t, 0, 0] & STRICT and not bits[t, 0, 0]]
+    assert dropped == [5, 6]
+    assert out[0, 0, 0] == bits[0, 0, 0] and out[1, 0, 0] == 0
+    assert (out[5] & LOOSE).all()  # also out of the fallback's looser mask
+
+
+def test_temporal_test_ignores_scene_wide_darkening():
+    """Half the dates are 30 % darker everywhere (another processing version or season): not
+    shadows. A local dark spot in one of them is."""
+    from compositor.composite import STRICT
+    from compositor.temporal import temporal_veto
+
+    T, H, W = 10, 12, 12
+    rng = np.random.default_rng(0)
+    blue = rng.integers(380, 420, (T, H, W)).astype(np.uint16)
+    nir = rng.integers(2900, 3100, (T, H, W)).astype(np.uint16)
+    blue[5:] = (blue[5:] * 0.7).astype(np.uint16)
+    nir[5:] = (nir[5:] * 0.7).astype(np.uint16)
+    blue[7, 2:5, 2:5] //= 2
+    nir[7, 2:5, 2:5] //= 3
+    out = temporal_veto(np.zeros((T, H, W), np.uint8), blue, nir)
+    dropped = (out & STRICT) != 0
+    assert dropped[7, 2:5, 2:5].all()
+    dropped[7, 2:5, 2:5] = False
+    assert not dropped.any()

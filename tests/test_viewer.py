@@ -170,7 +170,7 @@ def test_viewer_shows_composite_tiles(viewer: Viewer, cell: dict) -> None:
     xyz = page.input_value("#xyz")
     assert xyz == (
         f"{viewer.base}/tiles/WebMercatorQuad/{{z}}/{{x}}/{{y}}.png"
-        "?layer=composite&percentile=25&mask=scl"
+        "?layer=composite&percentile=25"
     )
     z, x, y = tiles[0].url.split("?")[0].removesuffix(".png").split("/")[-3:]
     r = httpx.get(xyz.format(z=z, x=x, y=y), timeout=60)
@@ -178,7 +178,7 @@ def test_viewer_shows_composite_tiles(viewer: Viewer, cell: dict) -> None:
     page.check("#xyz-cell")
     assert page.input_value("#xyz").startswith(f"{viewer.base}{TILE_PATH}{{z}}/{{x}}/{{y}}.png?")
     wmts = page.get_attribute("#wmts", "href")
-    assert wmts == f"{viewer.base}/WMTSCapabilities.xml?layer=composite&percentile=25&mask=scl"
+    assert wmts == f"{viewer.base}/WMTSCapabilities.xml?layer=composite&percentile=25"
     assert "<Capabilities" in httpx.get(wmts, timeout=30).text
 
     # The embed snippet: an iframe of /embed with the current view in its hash.
@@ -201,7 +201,7 @@ def test_controls_request_new_tiles(viewer: Viewer, cell: dict) -> None:
     def is_tile(*params: str):
         return lambda r: TILE_PATH in r.url and all(p in r.url for p in params)
 
-    with page.expect_request(is_tile("layer=count", "mask=scl")):
+    with page.expect_request(is_tile("layer=count")):
         page.check("input[name=layer][value=count]")
     viewer.settle()
     assert "layer=count" in page.evaluate("location.hash")

@@ -53,11 +53,17 @@ class ViewQuery(DefaultDependency):
     start: Annotated[dt.date | None, Query(description="First date (YYYY-MM-DD)")] = None
     end: Annotated[dt.date | None, Query(description="Last date (YYYY-MM-DD)")] = None
     months: Annotated[str | None, Query(description="Months of the year, e.g. 6,7,8,9")] = None
-    mask: Annotated[Literal["scl", "segformer", "none"], Query(description="Cloud/shadow mask")] = (
-        "scl"
-    )
+    mask: Annotated[
+        Literal["auto", "scl", "segformer", "none"],
+        Query(description="Cloud/shadow mask: auto = the model's where it ran, else SCL"),
+    ] = "auto"
     cloud_threshold: Annotated[float, Query(gt=0, lt=1, description="Model probability")] = 0.4
-    dilate: Annotated[int, Query(ge=0, le=50, description="Mask dilation, 10 m pixels")] = 3
+    dilate: Annotated[
+        int | None, Query(ge=0, le=50, description="Mask dilation, 10 m pixels (default: per mask)")
+    ] = None
+    temporal: Annotated[
+        bool, Query(description="Multi-temporal test: drop looks far from the pixel's clear state")
+    ] = True
     min_clear: Annotated[int, Query(ge=1, le=100, description="Clear looks before fallback")] = 1
     rescale: Annotated[str | None, Query(description="DN range 'min,max' for display")] = None
     gamma: Annotated[float, Query(gt=0, le=5, description="Display gamma")] = DEFAULT_GAMMA
@@ -80,6 +86,7 @@ class ViewQuery(DefaultDependency):
             mask=self.mask,
             cloud_threshold=self.cloud_threshold,
             dilate=self.dilate,
+            temporal=self.temporal,
             min_clear=self.min_clear,
             rescale=parse_rescale(self.rescale),
             gamma=self.gamma,
