@@ -260,10 +260,16 @@ def _scene_query(
     months: str | None,
     max_cloud: float | None,
     limit: int,
-    collection: str,
+    collections: list[str] | None,
 ):  # -> compositor.search.SearchQuery (imported lazily: keeps `clearsky --help` fast)
     from compositor.grid import CellError
-    from compositor.search import SearchQuery, default_dates, parse_bbox, parse_months
+    from compositor.search import (
+        DEFAULT_COLLECTIONS,
+        SearchQuery,
+        default_dates,
+        parse_bbox,
+        parse_months,
+    )
 
     try:
         s, e = default_dates(_date(start), _date(end))
@@ -274,7 +280,7 @@ def _scene_query(
             months=parse_months(months),
             max_cloud=max_cloud,
             limit=limit,
-            collection=collection,
+            collections=tuple(collections or DEFAULT_COLLECTIONS),
             bbox=parse_bbox(bbox) if bbox else None,
         )
     except (ValueError, CellError) as exc:
@@ -290,8 +296,30 @@ SearchMonths = Annotated[str | None, typer.Option(help="Months of the year, e.g.
 SearchCloud = Annotated[float | None, typer.Option(help="Maximum scene cloud cover (%)")]
 SearchLimit = Annotated[int, typer.Option(help="At most this many scenes (least cloudy first)")]
 SearchCollection = Annotated[
-    str, typer.Option(help="STAC collection: sentinel-2-c1-l2a or sentinel-2-l2a")
+    list[str] | None,
+    typer.Option(
+        "--collection",
+        help="STAC collection, repeatable, most preferred first (default: sentinel-2-c1-l2a, "
+        "then sentinel-2-l2a for the years Collection-1 lacks; one acquisition is kept once)",
+        show_default=False,
+    ),
 ]
+
+
+def _report_search(result, client_url: str) -> None:  # result: compositor.search.SearchResult
+    """The per-year table and the warnings a short or gappy search must not hide."""
+    from compositor.search import format_years
+
+    r = result
+    typer.echo(
+        f"{r.query.cell}: {len(r.items)} scenes chosen of {r.acquisitions} acquisitions "
+        f"({r.of_tile} matching items, {len(r.duplicates)} duplicates dropped; {r.found} items "
+        f"returned by {client_url} {' + '.join(r.query.collections)}, "
+        f"{len(r.dropped_other_tiles)} of other tiles)"
+    )
+    typer.echo(format_years(r))
+    for w in r.warnings():
+        typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command()
@@ -305,12 +333,13 @@ def search(
     months: SearchMonths = None,
     max_cloud: SearchCloud = None,
     limit: SearchLimit = 100,
-    collection: SearchCollection = "sentinel-2-c1-l2a",
+    collection: SearchCollection = None,
     stac_url: StacUrl = None,
 ) -> None:
     """List the Sentinel-2 L2A scenes a prefetch would take (by cell, or every cell of a bbox)."""
     from compositor.grid import CellError
     from compositor.search import (
+        DEFAULT_COLLECTIONS,
         SearchError,
         default_dates,
         format_table,
@@ -338,16 +367,12 @@ def search(
                 months=parse_months(months),
                 max_cloud=max_cloud,
                 limit=limit,
-                collection=collection,
+                collections=tuple(collection or DEFAULT_COLLECTIONS),
             )
     except (SearchError, CellError, ValueError) as exc:
         _fail(str(exc))
     for r in results:
-        typer.echo(
-            f"{r.query.cell}: {len(r.items)} scenes chosen of {r.of_tile} matching "
-            f"({r.found} items returned by {mask_url(client.self_href or '')} "
-            f"{r.query.collection}, {len(r.dropped_other_tiles)} of other tiles)"
-        )
+        _report_search(r, mask_url(client.self_href or ""))
         typer.echo(format_table(r))
 
 
@@ -366,7 +391,7 @@ def prefetch(
     months: SearchMonths = None,
     max_cloud: SearchCloud = None,
     limit: SearchLimit = 100,
-    collection: SearchCollection = "sentinel-2-c1-l2a",
+    collection: SearchCollection = None,
     stac_url: StacUrl = None,
     dem: Annotated[bool, typer.Option(help="Also warp the Copernicus DEM onto the grid")] = True,
     dem_collection: Annotated[str, typer.Option(help="STAC collection of the DEM")] = (
@@ -400,9 +425,11 @@ def prefetch(
         found = run_search(q, client)
         if not found.items:
             _fail(
-                f"no {q.collection} scenes of {q.cell} match ({found.found} items returned, "
-                f"{len(found.dropped_other_tiles)} of other tiles): widen dates, months or cloud"
+                f"no {' or '.join(q.collections)} scenes of {q.cell} match ({found.found} items "
+                f"returned, {len(found.dropped_other_tiles)} of other tiles): widen dates, "
+                "months or cloud"
             )
+        _report_search(found, mask_url(client.self_href or ""))
         dem_items = None
         if dem:
             try:
@@ -410,8 +437,8 @@ def prefetch(
             except Exception as exc:  # a catalogue without the DEM collection
                 typer.secho(f"warning: no DEM: {mask_text(exc)}", fg=typer.colors.YELLOW, err=True)
         typer.echo(
-            f"{q.cell}: {len(found.items)} scenes from {mask_url(client.self_href or '')} "
-            f"{q.collection}, grid {grid.width}x{grid.height} px at {grid.res:g} m"
+            f"{q.cell}: {len(found.items)} scenes to the stack, grid {grid.width}x{grid.height} "
+            f"px at {grid.res:g} m"
         )
         rep = prefetch(
             found.items,
@@ -424,7 +451,7 @@ def prefetch(
             meta={
                 "kind": "real",
                 "title": f"{q.cell} (Sentinel-2 L2A)",
-                "source": f"{mask_url(client.self_href or '')} {q.collection}",
+                "source": f"{mask_url(client.self_href or '')} {' + '.join(q.collections)}",
                 "resolution": grid.res,
             },
             progress=progress,
