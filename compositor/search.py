@@ -322,8 +322,13 @@ def open_client(url: str | None = None, timeout: float = 60.0, retries: int = 5)
     target = stac_url(url)
     try:
         return Client.open(target, stac_io=io)
+    except ValueError as exc:  # JSONDecodeError: a web page or anything else than STAC JSON
+        raise SearchError(
+            f"cannot open STAC API {mask_url(target)}: it did not answer JSON ({exc}); is "
+            "this the API's root URL?"
+        ) from None
     except Exception as exc:  # requests / pystac-client raise many kinds
-        raise SearchError(f"cannot open STAC API {mask_url(target)}: {mask_text(exc)}") from None
+        raise SearchError(f"cannot open STAC API {mask_url(target)}: {_short_error(exc)}") from None
 
 
 def area_lonlat(c: Cell, bbox: tuple[float, float, float, float] | None) -> tuple[float, ...]:
