@@ -1,10 +1,11 @@
 # ClearSky tile server image. Multi-stage: Python deps, then npm front-end deps, then a slim runtime.
-# Serves the stacks mounted at /data on port 8000: docker run -p 8000:8000 -v $PWD/data:/data clearsky
+# Serves the stacks mounted at /data on port 8000 (README: Docker):
+#   docker build -t clearsky .
+#   docker run -p 8000:8000 -v "$PWD/data/demo:/data:ro" clearsky
+# The server needs no PyTorch (it reads the cloud masks `clearsky mask` wrote into the stacks),
+# so the image installs ClearSky without the `masks` extra.
 FROM python:3.11-slim AS python-deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# torch==2.13.0 is pinned in pyproject.toml; point PIP_EXTRA_INDEX_URL at a CPU wheel index to
-# keep the image small.
-ARG PIP_EXTRA_INDEX_URL=""
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY compositor compositor
@@ -17,7 +18,7 @@ COPY static/package.json static/package-lock.json ./
 RUN npm ci --omit=dev --no-audit --no-fund
 
 FROM python:3.11-slim
-RUN useradd --create-home clearsky
+RUN useradd --create-home clearsky && mkdir /data && chown clearsky /data
 COPY --from=python-deps /venv /venv
 COPY static /app/static
 COPY --from=web-deps /web/node_modules /app/static/node_modules
@@ -27,5 +28,9 @@ ENV PATH=/venv/bin:$PATH \
     NUMBA_CACHE_DIR=/tmp/numba
 USER clearsky
 EXPOSE 8000
-HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')"
+# Each start compiles the numba kernels while warming up (~16 s here, more on a small host):
+# the start period keeps those first probes from counting as failures. /health answers 200 once
+# the server listens (with "status": "no data" when nothing is mounted at /data).
+HEALTHCHECK --start-period=120s --interval=30s --timeout=5s --retries=3 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"
 CMD ["clearsky", "serve", "--host", "0.0.0.0", "--port", "8000", "--data", "/data"]

@@ -12,8 +12,9 @@ DATA ?= data/demo
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch is pinned to 2.13.0 (a local CPU build here); pip, not uv, so the pin is honoured.
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# The masks extra brings torch (pinned to 2.13.0; a local CPU build here); pip, not uv, so
+	# the pin is honoured.
+	$(PY) -m pip install --quiet -e '.[dev,masks]'
 	touch $@
 
 static/node_modules/.installed: static/package.json static/package-lock.json

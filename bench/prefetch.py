@@ -1,23 +1,37 @@
-"""Prefetch throughput from local servers, and a paper estimate for one real cell.
+"""Prefetch throughput and memory from local servers, and a paper estimate for one real cell.
 
-Serves the real 29RKH COGs (../shared/data; the whole 109.8 km cell downsampled to 100 m) from
-RangeHTTPServer on 127.0.0.1, each scene under its own URL so GDAL's caches cannot help, and
-runs compositor.prefetch on them at the sample's native 100 m (full-resolution reads) and at
-200 m (first-overview reads). It reports bytes moved (counted by the server), MB/s, scenes per
-minute, and where the time goes (reading vs writing the stack). From those it prints a paper
-estimate for one real cell of 100 scenes at 10 m and 20 m over the network: bytes read, disk
-used, and hours at a few link speeds. Without ../shared/data it uses synthetic COGs instead.
+Throughput: serves the real 29RKH COGs (../shared/data; the whole 109.8 km cell downsampled to
+100 m) from RangeHTTPServer on 127.0.0.1, each scene under its own URL so GDAL's caches cannot
+help, and runs compositor.prefetch on them at the sample's native 100 m (full-resolution reads)
+and at 200 m (first-overview reads). It reports bytes moved (counted by the server), MB/s,
+scenes per minute, and where the time goes (reading vs writing the stack). From those it prints
+a paper estimate for one real cell of 100 scenes at 10 m and 20 m over the network: bytes read,
+disk used, and hours at a few link speeds. Without ../shared/data it uses synthetic COGs.
 
-    .venv/bin/python bench/prefetch.py [--scenes 12] [--workers 3] [--json]
+Memory: real-size COGs of the whole cell (10980 x 10980 px bands at 10 m, SCL at 20 m, tiled
+and with overviews as Earth Search's are; made once into bench/.data/ from the 29RKH sample
+upsampled x10), 100 scenes of them behind `rustac serve` and the Range server, fetched by the
+real `clearsky prefetch` command in a child process: its peak RSS (the kernel's own count, from
+wait4) and its RSS as the scenes go by, at 60 m (100 scenes) and at 10 m (a few scenes, each
+1.1 GB in memory: what bounds the peak is the scenes in flight and the stack write, not how many
+scenes were fetched).
+
+    .venv/bin/python bench/prefetch.py [--scenes 12] [--workers 3] [--memory-scenes 100]
+        [--memory-scenes-10m 4] [--memory-workers-10m 1,3] [--no-memory] [--no-throughput]
+        [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,23 +52,29 @@ LINKS_MB_S = {"home 100 Mbit/s": 12.5, "fibre 1 Gbit/s": 125.0, "in-region EC2":
 N_REAL = 100
 
 
-def rkh_items(files: Path, base: str, n: int) -> list[dict]:
-    """``n`` copies of the real 29RKH item, each under its own path (own URLs, no cache)."""
+def rkh_items(files: Path, base: str, n: int, src: str = "rkh") -> list[dict]:
+    """``n`` copies of the real 29RKH item, each under its own path (own URLs, no cache) and
+    its own acquisition (date and datastrip), with the COGs of ``files/src``."""
     item = ss.build_rkh(files, base)
     out = []
     for k in range(n):
-        d = files / f"rkh{k:03d}"
+        d = files / f"{src}{k:03d}"
         d.mkdir(exist_ok=True)
         copy = json.loads(json.dumps(item))
-        copy["id"] = f"S2A_29RKH_{20200101 + k}_0_L2A"
-        copy["properties"]["datetime"] = f"2020-{1 + k // 28:02d}-{1 + k % 28:02d}T11:34:25Z"
+        when = dt.datetime(2016, 1, 1, 11, 31, 5) + dt.timedelta(days=5 * k)
+        copy["id"] = f"S2A_29RKH_{when:%Y%m%d}_0_L2A"
+        copy["properties"]["datetime"] = f"{when + dt.timedelta(seconds=200):%Y-%m-%dT%H:%M:%S}Z"
+        ds = copy["properties"]["s2:datastrip_id"]
+        copy["properties"]["s2:datastrip_id"] = f"{ds[:-22]}_S{when:%Y%m%dT%H%M%S}_N02.14"
         for a in copy["assets"].values():
             if a["href"].startswith(base + "/rkh/"):
                 name = a["href"].rsplit("/", 1)[1]
+                if not (files / src / name).exists():
+                    continue
                 link = d / name
                 if not link.exists():
-                    link.symlink_to((files / "rkh" / name).resolve())
-                a["href"] = f"{base}/rkh{k:03d}/{name}"
+                    link.symlink_to((files / src / name).resolve())
+                a["href"] = f"{base}/{src}{k:03d}/{name}"
         out.append(copy)
     return out
 
@@ -174,17 +194,186 @@ def paper_estimate(runs: list[dict], sample_grids: list) -> list[dict]:
     return est
 
 
+# ------------------------------------------------------------------------------- memory
+REALSIZE = ROOT / "bench" / ".data" / "realsize-29RKH"
+
+
+def realsize_cogs(out: Path = REALSIZE) -> Path:
+    """The four 10 m bands (10980 x 10980) and the 20 m SCL (5490 x 5490) of a whole cell, as
+    Earth Search's COGs are laid out (1024 px tiles, deflate, internal overviews): the real
+    29RKH sample upsampled x10, bilinear (SCL nearest). Made once."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+    from scipy import ndimage
+
+    if (out / "SCL.tif").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for name, factor, order, nodata in (
+        ("B02", 10, 1, 0),
+        ("B03", 10, 1, 0),
+        ("B04", 10, 1, 0),
+        ("B08", 10, 1, 0),
+        ("SCL", 10, 0, 0),
+    ):
+        with rasterio.open(ss.RKH_DIR / f"{name}.tif") as src:
+            data = src.read(1)
+            t = src.transform
+            crs = src.crs
+        if order:
+            up = ndimage.zoom(data.astype(np.float32), factor, order=1, grid_mode=True,
+                              mode="nearest")  # fmt: skip
+            up = np.clip(np.rint(up), 1, 65535).astype(data.dtype)
+        else:
+            up = np.repeat(np.repeat(data, factor, 0), factor, 1)
+        profile = {
+            "driver": "COG",
+            "width": up.shape[1],
+            "height": up.shape[0],
+            "count": 1,
+            "dtype": str(up.dtype),
+            "crs": crs,
+            "transform": t * Affine.scale(1 / factor),
+            "nodata": nodata,
+            "compress": "deflate",
+            "predictor": 2,
+            "blocksize": 1024,
+            "overview_resampling": "nearest" if name == "SCL" else "average",
+            "num_threads": "all_cpus",
+        }
+        tmp = out / f".{name}.tif"
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(up, 1)
+        tmp.rename(out / f"{name}.tif")
+        del up
+    return out
+
+
+def _rss_kb(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in kB: its resident memory now and at its peak so far."""
+    out = {"VmRSS:": 0, "VmHWM:": 0}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.split(":")[0] + ":" in out:
+                out[line.split()[0]] = int(line.split()[1])
+    except OSError:
+        pass
+    return out["VmRSS:"], out["VmHWM:"]
+
+
+def _complete(path: Path) -> int:
+    try:
+        meta = json.loads((path / "zarr.json").read_text())["attributes"]["scenes"]
+        return sum(1 for s in meta if s["complete"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def memory_run(scenes: int, resolution: float, workers: int) -> dict:
+    """A real-size cell through `clearsky prefetch` in a child process: peak RSS and RSS as the
+    scenes go by."""
+    cogs = realsize_cogs()
+    tmp = Path(tempfile.mkdtemp(prefix="clearsky-bench-memory-", dir=ROOT / "bench" / ".data"))
+    files = tmp / "files"
+    files.mkdir()
+    (files / "real").symlink_to(cogs)
+    port = ss.free_port()
+    base = f"http://127.0.0.1:{port}"
+    items = rkh_items(files, base, scenes, src="real")
+    server = ss.FileServer(files, port)
+    stac = ss.StacServer(ss.write_catalogue(tmp / "cat", items), ss.free_port(), tmp)
+    data = tmp / "data"
+    server.start()
+    stac.start()
+    try:
+        cmd = [
+            sys.executable, "-m", "compositor.cli", "prefetch", "29RKH",
+            "--resolution", f"{resolution:g}", "--collection", ss.S2_OLD,
+            "--start", "2016-01-01", "--end", f"{2016 + scenes * 5 // 365}-12-31",
+            "--limit", str(scenes),
+            "--stac-url", stac.url, "--data", str(data), "--workers", str(workers),
+            "--no-dem", "--no-progress",
+        ]  # fmt: skip
+        log = open(tmp / "prefetch.log", "w")
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        samples: list[tuple[float, int, int, int]] = []  # (s, scenes complete, RSS, HWM kB)
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                samples.append(
+                    (time.perf_counter() - t0, _complete(data / "29RKH.zarr"), *_rss_kb(proc.pid))
+                )
+                stop.wait(0.2)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        stop.set()
+        th.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.close()
+        if proc.returncode != 0:
+            raise RuntimeError((tmp / "prefetch.log").read_text()[-3000:])
+        done = _complete(data / "29RKH.zarr")
+        disk = sum(f.stat().st_size for f in (data / "29RKH.zarr").rglob("*") if f.is_file())
+    finally:
+        stac.stop()
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    from compositor.prefetch import target_grid
+
+    g = target_grid("29RKH", resolution)
+    scene_mb = g.width * g.height * 9 / 1e6  # 4 uint16 bands + SCL
+    at = {}
+    for q in (0.25, 0.5, 0.75, 1.0):  # the peak RSS (VmHWM) up to each share of the scenes
+        upto = [hwm for _, n, _, hwm in samples if n <= max(1, round(q * scenes))]
+        at[f"{int(q * 100)}%"] = max(upto, default=0) / 1024
+    return {
+        "resolution_m": resolution,
+        "grid_px": [g.width, g.height],
+        "scenes": done,
+        "workers": workers,
+        "seconds": seconds,
+        "scene_mb_in_memory": scene_mb,
+        # The kernel's peak for the child (wait4), and the highest VmHWM sampled while it ran.
+        "peak_rss_mb": usage.ru_maxrss / 1024,  # kB on Linux
+        "peak_hwm_sampled_mb": max((s[3] for s in samples), default=0) / 1024,
+        "rss_mb_up_to": at,
+        "disk_gb": disk / 1e9,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenes", type=int, default=12, help="scenes per resolution")
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--source", choices=("rkh", "synthetic"), default=None)
+    p.add_argument("--memory-scenes", type=int, default=100, help="60 m real-size run")
+    p.add_argument("--memory-scenes-10m", type=int, default=4, help="10 m real-size runs")
+    p.add_argument(
+        "--memory-workers-10m", default="1,3", help="--workers of the 10 m runs, e.g. 1,3"
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the real-size memory runs")
+    p.add_argument("--no-throughput", action="store_true", help="only the memory runs")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     a = p.parse_args()
     source = a.source or ("rkh" if ss.RKH_ITEM.exists() else "synthetic")
-    res = run(a.scenes, a.workers, source)
+    res: dict = {} if a.no_throughput else run(a.scenes, a.workers, source)
+    if not a.no_memory and ss.RKH_ITEM.exists():
+        runs = [(a.memory_scenes, 60.0, a.workers)] + [
+            (a.memory_scenes_10m, 10.0, int(w)) for w in a.memory_workers_10m.split(",")
+        ]
+        res["memory"] = [memory_run(n, r, w) for n, r, w in runs if n > 0]
     if a.json:
         print(json.dumps(res, indent=2))
+        return
+    if res.get("memory"):
+        print_memory(res["memory"])
+    if a.no_throughput:
         return
     print(
         f"prefetch from 127.0.0.1 ({source} COGs, {a.scenes} scenes per run, {a.workers} workers)"
@@ -214,6 +403,26 @@ def main() -> None:
             + " ".join(f"{e['network_hours'][k]:>24.2f}" for k in links)
         )
     print("wall time ~ max(network, local): reads and stack writes overlap (--workers)")
+
+
+def print_memory(runs: list[dict]) -> None:
+    print(
+        "memory: `clearsky prefetch` of a real-size cell (10980 x 10980 px COGs at 10 m) from "
+        "127.0.0.1, child process"
+    )
+    print(
+        f"{'res m':>6} {'grid':>11} {'scenes':>6} {'workers':>7} {'s':>6} {'MB/scene':>8} "
+        f"{'peak RSS MB':>11} {'peak RSS MB by 25/50/75/100 % of scenes':>41} {'disk GB':>7}"
+    )
+    for r in runs:
+        g = f"{r['grid_px'][0]}x{r['grid_px'][1]}"
+        by = " / ".join(f"{v:.0f}" for v in r["rss_mb_up_to"].values())
+        print(
+            f"{r['resolution_m']:>6g} {g:>11} {r['scenes']:>6} {r['workers']:>7} "
+            f"{r['seconds']:>6.0f} {r['scene_mb_in_memory']:>8.0f} {r['peak_rss_mb']:>11.0f} "
+            f"{by:>41} {r['disk_gb']:>7.2f}"
+        )
+    print()
 
 
 if __name__ == "__main__":

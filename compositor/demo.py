@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ from compositor.grid import cell
 from compositor.stack import Scene, Stack, StackError, list_stacks
 
 log = logging.getLogger(__name__)
+# progress(step, done, total): e.g. ("34TER: write scenes", 12, 140); called as work advances.
+Progress = Callable[[str, int, int], None]
 
 REAL_CELL = "34TER"
 SYNTH_CELL = "49NDB"
@@ -84,7 +87,7 @@ def romania_cube(cache_dir: Path) -> Path:
     return target
 
 
-def build_real(data_dir: Path, cache_dir: Path) -> Path:
+def build_real(data_dir: Path, cache_dir: Path, progress: Progress | None = None) -> Path:
     """The Romania cube on the 34TER UTM grid as a stack."""
     import xarray as xr
 
@@ -121,6 +124,8 @@ def build_real(data_dir: Path, cache_dir: Path) -> Path:
     bands = ["B2", "B3", "B4", "B8"]
     times = ds.time.values
     for t in range(len(times)):
+        if progress:
+            progress(f"{REAL_CELL}: write scenes", t, len(times))
         src = np.stack([ds[b].values[t] for b in bands] + [ds["SCL"].values[t]]).astype(np.uint16)
         dst = np.zeros((5, height, width), np.uint16)
         reproject(
@@ -152,15 +157,33 @@ def build_real(data_dir: Path, cache_dir: Path) -> Path:
             scl,
         )
     ds.close()
+    if progress:
+        progress(f"{REAL_CELL}: write scenes", len(times), len(times))
     stack.set_meta(built=True)
     return path
 
 
-def build_synthetic(data_dir: Path, seed: int = 0, size: int = 1024, n_dates: int = 64) -> Path:
+def build_synthetic(
+    data_dir: Path,
+    seed: int = 0,
+    size: int = 1024,
+    n_dates: int = 64,
+    progress: Progress | None = None,
+) -> Path:
     """The persistent-cloud synthetic cell with its ground truth."""
+    import threading
+
     from compositor.synthetic import make_synthetic
 
-    syn = make_synthetic(seed=seed, size=size, n_dates=n_dates)
+    made, lock = [0], threading.Lock()
+
+    def one_made() -> None:
+        with lock:
+            made[0] += 1
+            if progress:
+                progress(f"{SYNTH_CELL}: simulate scenes", made[0], n_dates)
+
+    syn = make_synthetic(seed=seed, size=size, n_dates=n_dates, progress=one_made)
     c = cell(SYNTH_CELL)
     left, top = c.bounds[0] + SYNTH_OFFSET[0], c.bounds[3] - SYNTH_OFFSET[1]
     path = data_dir / f"{SYNTH_CELL}.zarr"
@@ -180,6 +203,8 @@ def build_synthetic(data_dir: Path, seed: int = 0, size: int = 1024, n_dates: in
         },
     )
     for t, date in enumerate(syn.dates):
+        if progress:
+            progress(f"{SYNTH_CELL}: write scenes", t, len(syn.dates))
         stack.append_scene(
             Scene(
                 id=f"SYN_{SYNTH_CELL}_{date:%Y%m%d}",
@@ -190,6 +215,8 @@ def build_synthetic(data_dir: Path, seed: int = 0, size: int = 1024, n_dates: in
             syn.reflectance[t],
             syn.scl[t],
         )
+    if progress:
+        progress(f"{SYNTH_CELL}: write scenes", len(syn.dates), len(syn.dates))
     stack.set_dem(syn.dem)
     stack.set_meta(has_dem=True)
     write_truth(path, syn.truth_composite, syn.truth_cloud, syn.truth_shadow)
@@ -212,15 +239,17 @@ def read_truth(path: Path) -> dict[str, np.ndarray]:
     return {k: g[k][...] for k in ("composite", "cloud", "shadow")}
 
 
-def build_demo(data_dir: Path | None = None, force: bool = False) -> dict[str, Path]:
+def build_demo(
+    data_dir: Path | None = None, force: bool = False, progress: Progress | None = None
+) -> dict[str, Path]:
     """Build whatever demo cell is missing (or all with ``force``); returns cell -> path."""
     data_dir = Path(data_dir or default_data_dir())
     data_dir.mkdir(parents=True, exist_ok=True)
     have = list_stacks(data_dir)
     started = dt.datetime.now()
     for cid, build in (
-        (REAL_CELL, lambda: build_real(data_dir, data_dir / ".cache")),
-        (SYNTH_CELL, lambda: build_synthetic(data_dir)),
+        (REAL_CELL, lambda: build_real(data_dir, data_dir / ".cache", progress)),
+        (SYNTH_CELL, lambda: build_synthetic(data_dir, progress=progress)),
     ):
         if cid in have and not force and _complete(have[cid]):
             log.info("demo cell %s already built at %s", cid, have[cid])

@@ -13,7 +13,8 @@ Safety, in order of what goes wrong in practice:
 - free disk is checked against an estimate before the first byte is written.
 
 Reflectance is harmonised here, once: the stack holds DN = reflectance x 10000 with no offset
-(see :func:`dn_offset` for how the +1000 of processing baseline >= 04.00 is detected).
+(see :func:`dn_offset` for how the +1000 of processing baseline >= 04.00 is detected, and
+:func:`scene_offset` for the check against the pixels themselves).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
+from compositor.acquisitions import acquisition_key, baseline_tuple, processing_baseline
 from compositor.grid import cell, transform_bounds_to_lonlat
-from compositor.search import item_tile, mask_text, mask_url, processing_baseline
+from compositor.search import item_tile, mask_text, mask_url
 from compositor.stack import DEFAULT_BANDS, Scene, Stack, StackError
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,13 @@ DEM_ASSETS = ("data", "elevation", "dem")
 BOA_OFFSET_DN = 1000  # the BOA_ADD_OFFSET of baseline 04.00+, in DN
 OFFSET_BASELINE = (4, 0)
 OFFSET_START = dt.date(2022, 1, 25)  # first day of baseline 04.00, for items that name none
+# The pixel check of a +1000 the metadata claims: with the offset in the COG, DN below 800 would
+# be a reflectance below -0.02, which Sen2Cor hardly ever writes; without it, every vegetated or
+# water pixel is there (red/blue ~0.02-0.05). Earth Search's legacy collection has items whose
+# flags say "not applied" for COGs it already shifted (earth-search#66, #71): a share of valid
+# pixels this large below 800 means the COG has no offset, whatever the metadata says.
+OFFSET_CHECK_DN = 800
+OFFSET_CHECK_SHARE = 0.02
 # Stored bytes / raw bytes of a stack's scene shards, for the disk estimate. The Stack keeps
 # scene shards uncompressed (memory-mapped tile reads), so 1.0; bench/prefetch.py measures it.
 STACK_COMPRESSION = 1.0
@@ -79,7 +88,9 @@ GDAL_COG_ENV: dict[str, Any] = {
     "VSI_CACHE": "TRUE",
     "VSI_CACHE_SIZE": 50_000_000,
     "CPL_VSIL_CURL_CACHE_SIZE": 200_000_000,
-    "GDAL_CACHEMAX": 512,
+    # Block cache: a prefetch reads each block once (a downsampled read needs one row of
+    # 1024 px blocks per band at a time), so more only holds memory: 128 MB, not 512.
+    "GDAL_CACHEMAX": 128,
     # Not GDAL_NUM_THREADS: GDAL 3.10's multi-threaded GTiff reads shifted rasterio.merge()
     # windows by a pixel here (tests/test_prefetch.py checks the DEM), and scenes are already
     # read in parallel by the thread pool.
@@ -92,9 +103,11 @@ GDAL_COG_ENV: dict[str, Any] = {
 
 # Errors worth retrying: the network, not the file. Anything else (a corrupt or truncated COG,
 # a 404) gets one more try at most, since a cut connection can surface as a TIFF decode error.
+# "got N bytes, expected M": libtiff read fewer bytes than a tile holds (a transfer cut short).
 _TRANSIENT = re.compile(
     r"curl|couldn'?t connect|could not connect|connection|timed? ?out|reset by peer|"
-    r"empty reply|recv failure|send failure|temporar|HTTP response code: (?:0|408|429|5\d\d)\b",
+    r"empty reply|recv failure|send failure|temporar|HTTP response code: (?:0|408|429|5\d\d)\b|"
+    r"got \d+ bytes, expected \d+",
     re.I,
 )
 
@@ -162,7 +175,9 @@ def target_grid(
 @contextmanager
 def gdal_env(fresh: bool = False) -> Iterator[None]:
     """rasterio.Env with the COG settings. ``fresh``: bypass GDAL's /vsicurl/ caches, which
-    remember failed opens and partial files, so a retry really asks the server again.
+    remember failed opens and keep the short block of a transfer cut mid-body, so a retry
+    with caching on replays the same truncated tile without a single request
+    (tests/test_prefetch.py cuts transfers on a real server to check that a retry re-reads).
     rasterio's config options are thread-local, so every worker thread enters its own."""
     opts = dict(GDAL_COG_ENV)
     if fresh:
@@ -203,11 +218,11 @@ def _aligned(src: rasterio.DatasetReader, grid: TargetGrid) -> bool:
 
 
 def _read_aligned(
-    src: rasterio.DatasetReader, grid: TargetGrid, resampling: Resampling
+    src: rasterio.DatasetReader, grid: TargetGrid, resampling: Resampling, out: np.ndarray
 ) -> np.ndarray:
     st, g = src.transform, grid.transform
     sres, gres = st.a, grid.res
-    out = np.zeros((grid.height, grid.width), src.dtypes[0])
+    out[...] = 0
     eps = 1e-6
     if sres <= gres:
         # Same or coarser grid: each grid pixel is k x k whole source pixels; GDAL reduces them
@@ -222,9 +237,11 @@ def _read_aligned(
         sc0 = round((g.c + c0 * gres - st.c) / sres)
         sr0 = round((st.f - (g.f - r0 * gres)) / sres)
         win = Window(sc0, sr0, (c1 - c0) * k, (r1 - r0) * k)
-        out[r0:r1, c0:c1] = src.read(
-            1, window=win, out_shape=(r1 - r0, c1 - c0), resampling=resampling
-        )
+        part = out[r0:r1, c0:c1]
+        if part.flags.c_contiguous:  # the usual whole-width read: no second copy of the band
+            src.read(1, window=win, out=part, resampling=resampling)
+        else:
+            part[...] = src.read(1, window=win, out_shape=part.shape, resampling=resampling)
         return out
     # Finer grid (SCL's 20 m into a 10 m stack): repeat source pixels, exact nearest neighbour.
     k = round(sres / gres)
@@ -250,13 +267,17 @@ def read_to_grid(
     resampling: Resampling = Resampling.average,
     dtype: str | None = None,
     nodata: float | None = 0,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One band of one COG on the grid. ``dtype`` checks what the asset must hold."""
+    """One band of one COG on the grid (into ``out`` when given). ``dtype`` checks what the
+    asset must hold."""
     with rasterio.open(gdal_path(href)) as src:
         if dtype is not None and src.dtypes[0] != dtype:
             raise SceneFailed(f"{mask_url(href)} holds {src.dtypes[0]}, expected {dtype}")
+        if out is None:
+            out = np.empty((grid.height, grid.width), src.dtypes[0])
         if _aligned(src, grid):
-            return _read_aligned(src, grid, resampling)
+            return _read_aligned(src, grid, resampling, out)
         with WarpedVRT(
             src,
             crs=grid.crs,
@@ -268,7 +289,7 @@ def read_to_grid(
             nodata=nodata,
             dtype=dtype or src.dtypes[0],
         ) as vrt:
-            return vrt.read(1)
+            return vrt.read(1, out=out)
 
 
 def describe(exc: BaseException) -> str:
@@ -322,13 +343,6 @@ def find_asset(item: pystac.Item, keys: Sequence[str]) -> pystac.Asset:
     raise SceneFailed(f"item {item.id} has none of the assets {list(keys)}")
 
 
-def _baseline_tuple(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    m = re.match(r"^\s*(\d+)(?:\.(\d+))?", str(text))
-    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
-
-
 def dn_offset(item: pystac.Item, asset: pystac.Asset | None = None) -> tuple[int, str]:
     """DN to subtract from this asset so that DN = reflectance x 10000, and why.
 
@@ -342,7 +356,7 @@ def dn_offset(item: pystac.Item, asset: pystac.Asset | None = None) -> tuple[int
     applied = props.get("earthsearch:boa_offset_applied", props.get("sentinel:boa_offset_applied"))
     if applied is True:
         return 0, "earthsearch:boa_offset_applied"
-    baseline = _baseline_tuple(processing_baseline(item))
+    baseline = baseline_tuple(processing_baseline(item))
     if baseline is not None and baseline < OFFSET_BASELINE:
         return 0, f"baseline {baseline[0]:02d}.{baseline[1]:02d} < 04.00"
     rb = (asset.extra_fields.get("raster:bands") or [{}])[0] if asset is not None else {}
@@ -357,23 +371,49 @@ def dn_offset(item: pystac.Item, asset: pystac.Asset | None = None) -> tuple[int
 
 
 def harmonise(dn: np.ndarray, offset: int) -> np.ndarray:
-    """Subtract the offset (into a new array); nodata (0) stays 0, valid pixels stay >= 1 so a
-    very dark pixel never turns into nodata."""
+    """Subtract the offset in place (no int32 copy of a 120 Mpx band); nodata (0) stays 0 and
+    valid pixels stay >= 1, so a very dark pixel never turns into nodata."""
     if offset == 0:
         return dn
-    out = dn.astype(np.int32) - offset
-    np.clip(out, 1, 65535, out=out)
-    out[dn == 0] = 0
-    return out.astype(np.uint16)
+    low = (dn != 0) & (dn <= offset)  # at or below the offset: becomes the darkest valid DN
+    np.subtract(dn, offset, out=dn, where=dn > offset)
+    dn[low] = 1
+    return dn
 
 
-def scene_record(item: pystac.Item, offsets: dict[str, tuple[int, str]]) -> Scene:
+def scene_offset(
+    offsets: dict[str, tuple[int, str]], raw: np.ndarray, valid: np.ndarray
+) -> dict[str, tuple[int, str]]:
+    """The metadata's offsets per band, unless the pixels contradict a +1000 (see
+    OFFSET_CHECK_DN): then no band of this scene gets one, and the rule says why."""
+    if not any(off for off, _ in offsets.values()):
+        return offsets
+    n = int(valid.sum())
+    if n == 0:
+        return offsets
+    dark = np.zeros(valid.shape, bool)
+    for band in raw:
+        dark |= (band < OFFSET_CHECK_DN) & (band > 0)
+    share = float((dark & valid).sum()) / n
+    if share <= OFFSET_CHECK_SHARE:
+        return offsets
+    why = (
+        f"pixels: {100 * share:.1f} % of valid pixels below {OFFSET_CHECK_DN} DN, so no offset "
+        f"in the COGs (metadata: {next(iter(offsets.values()))[1]})"
+    )
+    return {b: (0, why) for b in offsets}
+
+
+def scene_record(
+    item: pystac.Item, offsets: dict[str, tuple[int, str]], tile: str | None = None
+) -> Scene:
     d = item.datetime or item.common_metadata.start_datetime
     if d is None:
         raise SceneFailed(f"item {item.id} has no datetime")
     d = d if d.tzinfo else d.replace(tzinfo=dt.UTC)
     cc = item.properties.get("eo:cloud_cover")
     first = next(iter(offsets.values()))
+    tile = tile or item_tile(item)
     return Scene(
         id=item.id,
         datetime=d.astimezone(dt.UTC).isoformat().replace("+00:00", "Z"),
@@ -384,7 +424,8 @@ def scene_record(item: pystac.Item, offsets: dict[str, tuple[int, str]]) -> Scen
             "collection": item.collection_id,
             "boa_offset_removed": first[0],
             "offset_rule": first[1],
-            "tile": item_tile(item),
+            "tile": tile,
+            "acquisition": acquisition_key(item, tile),
         },
     )
 
@@ -404,20 +445,24 @@ def read_scene(
     retries: int = 4,
     backoff: float = 1.0,
 ) -> SceneData:
-    """Every band and the SCL of one item on the grid, in memory, harmonised."""
+    """Every band and the SCL of one item on the grid, in memory, harmonised.
+
+    Memory: the scene itself (4 bands + SCL: 1.1 GB for a whole cell at 10 m) and a few
+    boolean planes; every step works band by band and in place."""
     refl = np.zeros((len(bands), grid.height, grid.width), np.uint16)
     offsets: dict[str, tuple[int, str]] = {}
+    assets = {b: find_asset(item, BAND_ASSETS.get(b, (b,))) for b in bands}
+    scl_asset = find_asset(item, SCL_ASSETS)
     for i, band in enumerate(bands):
-        asset = find_asset(item, BAND_ASSETS.get(band, (band,)))
-        offsets[band] = dn_offset(item, asset)
-        dn = with_retries(
-            lambda a=asset: read_to_grid(a.href, grid, Resampling.average, dtype="uint16"),
+        offsets[band] = dn_offset(item, assets[band])
+        with_retries(
+            lambda a=assets[band], o=refl[i]: read_to_grid(
+                a.href, grid, Resampling.average, dtype="uint16", out=o
+            ),
             f"{item.id} {band}",
             retries,
             backoff,
         )
-        refl[i] = harmonise(dn, offsets[band][0])
-    scl_asset = find_asset(item, SCL_ASSETS)
     scl = with_retries(
         lambda: read_to_grid(scl_asset.href, grid, Resampling.nearest, dtype="uint8"),
         f"{item.id} SCL",
@@ -425,10 +470,17 @@ def read_scene(
         backoff,
     )
     # One validity for all layers: a pixel without SCL or without any band is nodata throughout.
-    invalid = (scl == 0) | np.any(refl == 0, axis=0)
-    refl[:, invalid] = 0
+    valid = scl != 0
+    for band in refl:
+        valid &= band != 0
+    offsets = scene_offset(offsets, refl, valid)
+    invalid = np.logical_not(valid, out=valid)
+    for i, band in enumerate(bands):
+        harmonise(refl[i], offsets[band][0])
+        refl[i][invalid] = 0
     scl[invalid] = 0
-    return SceneData(scene_record(item, offsets), refl, scl, refl.nbytes + scl.nbytes)
+    tile = item_tile(item) or grid.cell
+    return SceneData(scene_record(item, offsets, tile), refl, scl, refl.nbytes + scl.nbytes)
 
 
 # ------------------------------------------------------------------------------- DEM
@@ -619,9 +671,14 @@ def prefetch(
     if foreign:
         raise PrefetchError(f"items of another tile than {grid.cell}: {foreign[:5]}")
     report = PrefetchReport(grid.cell, path, grid)
-    existing = _complete_ids(path)
-    todo = [it for it in items if it.id not in existing]
-    report.skipped = [it.id for it in items if it.id in existing]
+    existing, acquired = _complete(path)
+    todo, report.skipped = [], []
+    for it in items:
+        # A rerun may choose another copy of an acquisition already in the stack (a
+        # Collection-1 item that appeared since): the stack keeps the one it has.
+        key = acquisition_key(it, item_tile(it) or grid.cell)
+        (report.skipped if it.id in existing or key in acquired else todo).append(it)
+    report.skipped = [it.id for it in report.skipped]
     report.estimate_bytes = estimate_disk(grid, len(todo))
     if dem_items:
         report.estimate_bytes += 4 * padded_pixels(grid)  # the float32 DEM, at most
@@ -674,22 +731,26 @@ def prefetch(
         for _ in range(max(1, workers)):
             submit_next()
         while running:
+            # One finished scene at a time, and a new read only once it is taken: at most
+            # ``workers`` scenes read or waiting plus the one being written are in memory
+            # (1.1 GB each for a whole cell at 10 m), however many scenes the run has.
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in done:
-                it = running.pop(fut)
-                submit_next()  # keep the readers busy while this scene is written
-                try:
-                    data = fut.result()
-                except Exception as exc:  # SceneFailed, or a bug in one item's metadata
-                    reason = mask_text(describe(exc))
-                    report.failed[it.id] = reason
-                    log.warning("skipped %s: %s", it.id, reason)
-                else:
-                    stack.append_scene(data.scene, data.reflectance, data.scl)
-                    report.written.append(it.id)
-                    report.bytes_decoded += data.nbytes
-                bar.update(1)
-                bar.set_postfix(failed=len(report.failed), refresh=False)
+            fut = next(f for f in running if f in done)  # the oldest of them
+            it = running.pop(fut)
+            submit_next()  # keep the readers busy while this scene is written
+            try:
+                data = fut.result()
+            except Exception as exc:  # SceneFailed, or a bug in one item's metadata
+                reason = mask_text(describe(exc))
+                report.failed[it.id] = reason
+                log.warning("skipped %s: %s", it.id, reason)
+            else:
+                stack.append_scene(data.scene, data.reflectance, data.scl)
+                report.written.append(it.id)
+                report.bytes_decoded += data.nbytes
+                del data
+            bar.update(1)
+            bar.set_postfix(failed=len(report.failed), refresh=False)
     except BaseException:
         # Ctrl-C or a write error: stop readers; scenes not marked complete stay invisible.
         pool.shutdown(wait=False, cancel_futures=True)
@@ -702,10 +763,12 @@ def prefetch(
     return report
 
 
-def _complete_ids(path: Path) -> set[str]:
+def _complete(path: Path) -> tuple[set[str], set[str]]:
+    """Ids and acquisition keys of the scenes already complete in the stack at ``path``."""
     if not (path / "zarr.json").exists():
-        return set()
+        return set(), set()
     try:
-        return {s.id for s in Stack.open(path).scenes if s.complete}
+        done = [s for s in Stack.open(path).scenes if s.complete]
     except StackError:
-        return set()
+        return set(), set()
+    return {s.id for s in done}, {s.extra["acquisition"] for s in done if "acquisition" in s.extra}

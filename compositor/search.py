@@ -2,10 +2,14 @@
 
 The search asks the API for the cell's lon/lat box, one date window per run of wanted months (so
 a June-September search over five years moves five windows' worth of items, not five years'),
-and keeps only the items of the cell's own MGRS tile: neighbouring tiles overlap every cell by
-~10 km, more along UTM zone edges. From what is left it takes at most ``limit`` scenes, the least
+in every collection asked for (by default both of Earth Search's L2A collections: Collection-1
+has years missing that only the legacy collection holds), and keeps only the items of the cell's
+own MGRS tile: neighbouring tiles overlap every cell by ~10 km, more along UTM zone edges. The
+same acquisition found twice (in both collections, or reprocessed within one) is kept once
+(compositor.acquisitions). From what is left it takes at most ``limit`` scenes, the least
 cloudy first but round-robin over the years, so a hundred scenes are spread over five summers
-rather than all taken from the clearest one.
+rather than all taken from the clearest one; the result says per year what each collection gave
+and whether the request could be met.
 
 Cloud cover and the tile are checked here on every item even when the API could filter on them
 (the STAC ``query`` extension is used when the server conforms to it, to move fewer items):
@@ -29,6 +33,13 @@ from pystac_client import Client
 from pystac_client.stac_api_io import StacApiIO
 from urllib3.util.retry import Retry
 
+from compositor.acquisitions import (
+    YearCount,
+    item_datetime,
+    merge,
+    processing_baseline,
+    year_report,
+)
 from compositor.grid import (
     Cell,
     CellError,
@@ -41,8 +52,8 @@ from compositor.grid import (
 log = logging.getLogger(__name__)
 
 DEFAULT_STAC_URL = "https://earth-search.aws.element84.com/v1"
-DEFAULT_COLLECTION = "sentinel-2-c1-l2a"
-KNOWN_COLLECTIONS = ("sentinel-2-c1-l2a", "sentinel-2-l2a")
+# Earth Search's two L2A collections, the preferred copy of an acquisition first.
+DEFAULT_COLLECTIONS = ("sentinel-2-c1-l2a", "sentinel-2-l2a")
 DEFAULT_LIMIT = 100
 DEFAULT_YEARS = 5
 # Items asked for per page: Earth Search allows up to 1000 pages of 100 items at most anyway.
@@ -125,7 +136,7 @@ class SearchQuery:
     months: tuple[int, ...] | None = None
     max_cloud: float | None = None
     limit: int = DEFAULT_LIMIT
-    collection: str = DEFAULT_COLLECTION
+    collections: tuple[str, ...] = DEFAULT_COLLECTIONS  # most preferred first
     bbox: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
@@ -141,6 +152,10 @@ class SearchQuery:
             raise ValueError(f"max cloud cover must be 0..100 %, got {self.max_cloud}")
         if self.limit < 1:
             raise ValueError(f"limit must be at least 1, got {self.limit}")
+        colls = tuple(dict.fromkeys(str(c).strip() for c in self.collections))
+        if not colls or not all(colls):
+            raise ValueError("give at least one collection, e.g. sentinel-2-c1-l2a")
+        object.__setattr__(self, "collections", colls)
 
 
 @dataclass
@@ -148,8 +163,36 @@ class SearchResult:
     query: SearchQuery
     items: list[pystac.Item]  # the chosen scenes, in time order
     found: int = 0  # items the API returned
-    of_tile: int = 0  # of those, items of the cell's tile within the cloud limit
+    of_tile: int = 0  # of those, items of the cell's tile matching dates, months, cloud
     dropped_other_tiles: list[str] = field(default_factory=list)
+    duplicates: dict[str, str] = field(default_factory=dict)  # dropped id -> kept id
+    acquisitions: int = 0  # unique acquisitions among the matching items
+    years: list[YearCount] = field(default_factory=list)
+
+    @property
+    def short(self) -> bool:
+        """Fewer scenes than asked for exist in the window."""
+        return len(self.items) < self.query.limit
+
+    def warnings(self) -> list[str]:
+        """What a user must hear: the request cannot be met, a year has no scenes, or one of
+        the collections gave nothing in a year another one covers."""
+        q = self.query
+        out = []
+        if self.short:
+            out.append(
+                f"{q.cell}: only {len(self.items)} scenes match in {q.start}..{q.end} (asked for "
+                f"{q.limit}): widen dates, months or --max-cloud, or add a collection"
+            )
+        empty = [str(y.year) for y in self.years if y.acquisitions == 0]
+        if empty and len(empty) < len(self.years):
+            out.append(f"{q.cell}: no scenes at all in {', '.join(empty)}")
+        if len(q.collections) > 1:
+            for y in self.years:
+                gaps = [c for c in q.collections if y.found[c] == 0]
+                if y.acquisitions and gaps:
+                    out.append(f"{q.cell}: {y.year} has no items in {', '.join(gaps)}")
+        return out
 
 
 def default_dates(
@@ -232,17 +275,6 @@ def cloud_cover(item: pystac.Item) -> float | None:
     return None if v is None else float(v)
 
 
-def processing_baseline(item: pystac.Item) -> str | None:
-    props = item.properties
-    v = props.get("s2:processing_baseline") or props.get("sentinel:processing_baseline")
-    if v is None:
-        # Planetary Computer / ESA product names carry it as _N0214_ (02.14).
-        m = re.search(r"_N(\d{2})(\d{2})_", str(props.get("s2:product_uri", "")))
-        if m:
-            return f"{m.group(1)}.{m.group(2)}"
-    return None if v is None else str(v)
-
-
 def select_scenes(items: Iterable[pystac.Item], limit: int) -> list[pystac.Item]:
     """At most ``limit`` items: least cloudy first, round-robin over the years; time order.
 
@@ -269,10 +301,10 @@ def select_scenes(items: Iterable[pystac.Item], limit: int) -> list[pystac.Item]
 
 
 def _item_datetime(item: pystac.Item) -> dt.datetime:
-    d = item.datetime or item.common_metadata.start_datetime
-    if d is None:
-        raise SearchError(f"item {item.id} has no datetime")
-    return d if d.tzinfo else d.replace(tzinfo=dt.UTC)
+    try:
+        return item_datetime(item)
+    except ValueError as exc:
+        raise SearchError(str(exc)) from None
 
 
 def open_client(url: str | None = None, timeout: float = 60.0, retries: int = 5) -> Client:
@@ -290,8 +322,13 @@ def open_client(url: str | None = None, timeout: float = 60.0, retries: int = 5)
     target = stac_url(url)
     try:
         return Client.open(target, stac_io=io)
+    except ValueError as exc:  # JSONDecodeError: a web page or anything else than STAC JSON
+        raise SearchError(
+            f"cannot open STAC API {mask_url(target)}: it did not answer JSON ({exc}); is "
+            "this the API's root URL?"
+        ) from None
     except Exception as exc:  # requests / pystac-client raise many kinds
-        raise SearchError(f"cannot open STAC API {mask_url(target)}: {mask_text(exc)}") from None
+        raise SearchError(f"cannot open STAC API {mask_url(target)}: {_short_error(exc)}") from None
 
 
 def area_lonlat(c: Cell, bbox: tuple[float, float, float, float] | None) -> tuple[float, ...]:
@@ -316,36 +353,44 @@ def search(query: SearchQuery, client: Client | None = None) -> SearchResult:
     server_query = None
     if query.max_cloud is not None and _conforms_to_query(client):
         server_query = {"eo:cloud_cover": {"lte": query.max_cloud}}
-    seen: dict[str, pystac.Item] = {}
+    seen: dict[tuple[str, str], pystac.Item] = {}  # (collection, id): ids repeat across them
+    tiles: dict[str, str | None] = {}
     found = 0
     other_tiles: list[str] = []
-    for lo, hi in month_windows(query.start, query.end, query.months):
-        try:
-            s = client.search(
-                collections=[query.collection],
-                bbox=list(area),
-                datetime=(lo, hi),
-                query=server_query,
-                limit=PAGE_SIZE,
-                max_items=MAX_ITEMS,
-            )
-            page_items = list(s.items())
-        except Exception as exc:
-            raise SearchError(f"STAC search failed: {mask_text(exc)}") from None
-        for it in page_items:
-            found += 1
-            if it.id in seen:
-                continue
-            tile = item_tile(it)
-            if tile is not None and tile != c.id:
-                other_tiles.append(it.id)
-                continue
-            if tile is None:
-                log.warning("item %s names no MGRS tile; kept because it covers the area", it.id)
-            seen[it.id] = it
-        if found >= MAX_ITEMS:
-            log.warning("stopped at %d items; narrow the dates or months", MAX_ITEMS)
-            break
+    for collection in query.collections:
+        n_coll = 0
+        for lo, hi in month_windows(query.start, query.end, query.months):
+            try:
+                s = client.search(
+                    collections=[collection],
+                    bbox=list(area),
+                    datetime=(lo, hi),
+                    query=server_query,
+                    limit=PAGE_SIZE,
+                    max_items=MAX_ITEMS,
+                )
+                page_items = list(s.items())
+            except Exception as exc:
+                raise SearchError(f"STAC search failed: {_short_error(exc)}") from None
+            for it in page_items:
+                found += 1
+                n_coll += 1
+                if it.collection_id and it.collection_id != collection:
+                    continue  # a server that ignored the collections filter
+                it.collection_id = it.collection_id or collection
+                if (collection, it.id) in seen:
+                    continue
+                tile = item_tile(it)
+                if tile is not None and tile != c.id:
+                    other_tiles.append(it.id)
+                    continue
+                if tile is None:
+                    log.warning("item %s names no MGRS tile; kept: it covers the area", it.id)
+                seen[(collection, it.id)] = it
+                tiles[it.id] = tile or c.id
+            if n_coll >= MAX_ITEMS:
+                log.warning("stopped at %d items of %s; narrow the dates", MAX_ITEMS, collection)
+                break
     candidates = []
     for it in seen.values():
         d = _item_datetime(it).date()
@@ -357,8 +402,33 @@ def search(query: SearchQuery, client: Client | None = None) -> SearchResult:
         if query.max_cloud is not None and (cc is None or cc > query.max_cloud):
             continue
         candidates.append(it)
-    chosen = select_scenes(candidates, query.limit)
-    return SearchResult(query, chosen, found, len(candidates), other_tiles)
+    merged = merge(candidates, tiles, query.collections)
+    chosen = select_scenes(merged.items, query.limit)
+    # The years the wanted months touch (a June-September window never reports its winters).
+    windows = month_windows(query.start, query.end, query.months)
+    years = sorted({y for lo, hi in windows for y in range(lo.year, hi.year + 1)})
+    return SearchResult(
+        query,
+        chosen,
+        found,
+        len(candidates),
+        other_tiles,
+        merged.dropped,
+        len(merged.items),
+        year_report(years, candidates, merged, chosen),
+    )
+
+
+def _short_error(exc: BaseException) -> str:
+    """One line of an error from the STAC API: an HTML error page or a long JSON body must not
+    be printed whole."""
+    text = mask_text(exc)
+    if "<html" in text.lower() or "<!doctype" in text.lower():
+        title = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
+        name = title.group(1).strip()[:80] if title else "no title"
+        text = f"the server answered an HTML page ({name}), not STAC JSON"
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _conforms_to_query(client: Client) -> bool:
@@ -388,8 +458,10 @@ def search_bbox(
 
 
 def format_table(result: SearchResult, show_cell: bool = False) -> str:
-    """date, id, cloud cover, processing baseline: one line per chosen scene."""
-    head = ("cell  " if show_cell else "") + f"{'date':<10}  {'id':<44}  {'cloud %':>7}  baseline"
+    """date, id, collection, cloud cover, processing baseline: one line per chosen scene."""
+    head = ("cell  " if show_cell else "") + (
+        f"{'date':<10}  {'id':<44}  {'collection':<17}  {'cloud %':>7}  baseline"
+    )
     lines = [head, "-" * len(head)]
     for it in result.items:
         cc = cloud_cover(it)
@@ -397,7 +469,22 @@ def format_table(result: SearchResult, show_cell: bool = False) -> str:
         pre = f"{result.query.cell} " if show_cell else ""
         lines.append(
             f"{pre}{_item_datetime(it).date().isoformat():<10}  {it.id:<44}  "
-            f"{'?' if cc is None else f'{cc:.1f}':>7}  {pb}"
+            f"{it.collection_id or '?':<17}  {'?' if cc is None else f'{cc:.1f}':>7}  {pb}"
+        )
+    return "\n".join(lines)
+
+
+def format_years(result: SearchResult) -> str:
+    """Per year: items each collection gave, duplicates dropped, acquisitions, chosen."""
+    colls = list(result.query.collections)
+    head = f"{'year':<4}  " + "  ".join(f"{c:>17}" for c in colls)
+    head += f"  {'duplicates':>10}  {'acquisitions':>12}  {'chosen':>6}"
+    lines = [head, "-" * len(head)]
+    for y in result.years:
+        lines.append(
+            f"{y.year:<4}  "
+            + "  ".join(f"{y.found[c]:>17}" for c in colls)
+            + f"  {y.duplicates:>10}  {y.acquisitions:>12}  {sum(y.chosen.values()):>6}"
         )
     return "\n".join(lines)
 

@@ -589,19 +589,23 @@ def _pad_even(a: np.ndarray, fill: float | int) -> np.ndarray:
 
 
 def downsample_reflectance(refl: np.ndarray, nodata: int = NODATA) -> np.ndarray:
-    """2x2 mean of valid pixels; nodata only where all four are nodata."""
-    a = _pad_even(refl, nodata).astype(np.uint32)
-    valid = (a != nodata).astype(np.uint32)
-    s = a[..., ::2, ::2] + a[..., 1::2, ::2] + a[..., ::2, 1::2] + a[..., 1::2, 1::2]
-    n = (
-        valid[..., ::2, ::2]
-        + valid[..., 1::2, ::2]
-        + valid[..., ::2, 1::2]
-        + valid[..., 1::2, 1::2]
-    )
-    n = np.maximum(n, 1)
-    out = (s + n // 2) // n
-    return out.astype(np.uint16)
+    """2x2 mean of valid pixels; nodata only where all four are nodata. Band by band, in
+    place: a whole 10 m cell (4 x 10980 x 10980) needs ~0.5 GB of temporaries, not ~5 GB."""
+    a = _pad_even(refl, nodata)
+    planes = a.reshape(-1, *a.shape[-2:])
+    out = np.empty((planes.shape[0], a.shape[-2] // 2, a.shape[-1] // 2), np.uint16)
+    for k, b in enumerate(planes):
+        q = (b[::2, ::2], b[1::2, ::2], b[::2, 1::2], b[1::2, 1::2])
+        s = q[0].astype(np.uint32)
+        n = (q[0] != nodata).astype(np.uint8)
+        for x in q[1:]:
+            s += x
+            n += x != nodata
+        np.maximum(n, 1, out=n)
+        s += n // 2
+        s //= n
+        out[k] = s
+    return out.reshape(*a.shape[:-2], *out.shape[-2:])
 
 
 def downsample_scl(scl: np.ndarray) -> np.ndarray:

@@ -819,8 +819,10 @@ def make_synthetic(
     cloud_level: float = 0.75,
     pixel_size: float = 10.0,
     workers: int | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> SyntheticCell:
     """Build the cell scene by scene (float32 per scene, never (T, 4, H, W) floats).
+    ``progress()`` is called once per scene built (from worker threads).
 
     cloud_level: the mean fraction of true cloud over the stack (0.75: three looks in four are
     cloudy). pixel_size: metres; structures are sized in metres, so a small ``size`` with a
@@ -885,7 +887,12 @@ def make_synthetic(
         t_shadow[t] = shadow
         cover[t] = 100.0 * cloud.sum() / n_valid
 
-    _parallel(scene, range(n_dates), workers)
+    def scene_done(t: int) -> None:
+        scene(t)
+        if progress:
+            progress()
+
+    _parallel(scene_done, range(n_dates), workers)
     truth = _percentile_time(truth_dn, PERCENTILE, workers)
     return SyntheticCell(
         reflectance=refl,

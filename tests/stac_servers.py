@@ -16,6 +16,7 @@ and a smooth synthetic DEM as Copernicus-DEM-like 1-degree tiles.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
 import os
@@ -105,12 +106,20 @@ class _Process:
 class FileServer(_Process):
     """RangeHTTPServer over ``root`` on 127.0.0.1:``port``."""
 
-    def __init__(self, root: Path, port: int, latency_ms: float = 0.0):
+    def __init__(
+        self,
+        root: Path,
+        port: int,
+        latency_ms: float = 0.0,
+        truncate: tuple[str, int] | None = None,
+    ):
         self.root, self.port = Path(root), port
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, str(Path(__file__).resolve()), "files", str(root), str(port)]
         if latency_ms:
             cmd += ["--latency", str(latency_ms)]
+        if truncate:
+            cmd += ["--truncate", truncate[0], "--truncate-times", str(truncate[1])]
         super().__init__(cmd, self.root.parent / f"files-{port}.log", self.url + "/")
 
     def requests(self) -> list[tuple[str, int]]:
@@ -178,6 +187,39 @@ def _mgrs_props(tile: str) -> dict[str, Any]:
         "mgrs:utm_zone": int(tile[:2]),
         "mgrs:latitude_band": tile[2],
         "mgrs:grid_square": tile[3:],
+    }
+
+
+def s2_ids(
+    platform: str,
+    tile: str,
+    sensing: dt.datetime,
+    baseline: str,
+    generated: dt.datetime,
+    centre: str = "SGS_",
+    orbit: int = 32,
+    datatake: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """The ESA identifiers Earth Search items carry, spelled as ESA spells them: the datastrip
+    (its sensing start names the acquisition; the generation time and baseline change when ESA
+    reprocesses), the datatake, the granule and the product."""
+    p = platform[-1].upper()  # sentinel-2b -> B
+    n = baseline.replace(".", "")
+    take = datatake or sensing - dt.timedelta(minutes=9, seconds=21)
+    f = "%Y%m%dT%H%M%S"
+    return {
+        "platform": platform,
+        "s2:processing_baseline": baseline,
+        "s2:datastrip_id": (
+            f"S2{p}_OPER_MSI_L2A_DS_{centre}_{generated:{f}}_S{sensing:{f}}_N{baseline}"
+        ),
+        "s2:datatake_id": f"GS2{p}_{take:{f}}_0{orbit:02d}123_N{baseline}",
+        "s2:granule_id": (
+            f"S2{p}_OPER_MSI_L2A_TL_{centre}_{generated:{f}}_A0{orbit:02d}123_T{tile}_N{baseline}"
+        ),
+        "s2:product_uri": f"S2{p}_MSIL2A_{take:{f}}_N{n}_R{orbit:03d}_T{tile}_{generated:{f}}.SAFE",
+        "s2:generation_time": generated.strftime("%Y-%m-%dT%H:%M:%S.000000Z"),
+        "sat:relative_orbit": orbit,
     }
 
 
@@ -385,11 +427,11 @@ def build_synthetic(
         # other pixel is the real 20 m grid.
         write_cog(d / "scl.tif", syn.scl[t, ::2, ::2], crs, t20, resampling="nearest")
         assets["scl"] = _scl_asset(f"{base_url}/synthetic/{iid}/scl.tif")
+        sensed = dt.datetime.combine(date, dt.time(2, 58, 41))
         props: dict[str, Any] = {
             "datetime": f"{date.isoformat()}T03:00:00Z",
-            "platform": "sentinel-2b",
             "eo:cloud_cover": round(float(syn.cloud_cover[t]), 3),
-            "s2:processing_baseline": baseline,
+            **s2_ids("sentinel-2b", SYNTH_CELL, sensed, baseline, sensed + dt.timedelta(hours=2)),
             **_mgrs_props(SYNTH_CELL),
         }
         if applied is not None:
@@ -409,7 +451,9 @@ def build_synthetic(
         )
     if corrupt:
         bad = json.loads(json.dumps(items[0]))
-        bad["id"] = bad["id"].replace("_0_L2A", "_1_L2A")  # a second datatake the same day
+        bad["id"] = bad["id"].replace("_0_L2A", "_1_L2A")  # a second datastrip the same day
+        ds = bad["properties"]["s2:datastrip_id"]
+        bad["properties"]["s2:datastrip_id"] = ds.replace("T025841_N", "T030212_N")
         src = files / "synthetic" / items[0]["id"]
         dst = files / "synthetic" / bad["id"]
         shutil.copytree(src, dst, dirs_exist_ok=True)
@@ -418,6 +462,157 @@ def build_synthetic(
             a["href"] = a["href"].replace(items[0]["id"], bad["id"])
         items.append(bad)
     return items, syn
+
+
+# ------------------------------------------------------------------------------- two collections
+# Five summers of one place as Earth Search serves them (see compositor/acquisitions.py): each
+# acquisition under the legacy collection, Collection-1, or both, in each one's own format, with
+# the radiometric convention of its processing baseline. Per acquisition: (label, date, legacy
+# copies, Collection-1 copy). A legacy copy: (sequence, baseline, earthsearch:boa_offset_applied,
+# raster:bands offset, DN added in the COG, readable); a Collection-1 copy: (baseline, flag).
+# The DN added is what the data really holds: for "2022-08 flag wrong" the flag says the offset
+# is still in but the COG has none (Earth Search issues #66/#71), which only the pixels tell.
+COLLECTION_PLAN: list[tuple[str, str, list[tuple], tuple | None]] = [
+    ("2018-06", "2018-06-10", [(0, "02.06", False, 0.0, 0, True)], None),  # Collection-1 gap
+    ("2018-07", "2018-07-20", [(0, "02.06", False, 0.0, 0, True)], None),
+    (  # reprocessed within the legacy collection: _1_ (05.00, offset in the COG) is preferred
+        "2019-06",
+        "2019-06-15",
+        [(0, "02.12", False, 0.0, 0, True), (1, "05.00", False, -0.1, 1000, True)],
+        None,
+    ),
+    (  # _1_ published before its COGs (requester-pays JP2 hrefs): the readable _0_ is kept
+        "2019-08",
+        "2019-08-04",
+        [(0, "02.13", False, 0.0, 0, True), (1, "05.00", False, -0.1, 1000, False)],
+        None,
+    ),
+    ("2020-06", "2020-06-19", [(0, "02.14", False, 0.0, 0, True)], ("05.00", None)),
+    ("2020-07", "2020-07-29", [], ("05.00", None)),
+    ("2020-08", "2020-08-23", [(0, "02.14", False, 0.0, 0, True)], ("05.00", False)),
+    ("2020-08 second datastrip", "2020-08-23", [(1, "02.14", False, 0.0, 0, True)], None),
+    ("2021-06", "2021-06-24", [(0, "03.00", False, 0.0, 0, True)], ("05.00", None)),
+    ("2021-09", "2021-09-02", [(0, "03.01", False, 0.0, 0, True)], None),
+    ("2022-06", "2022-06-09", [(0, "04.00", True, -0.1, 0, True)], ("05.09", None)),
+    ("2022-07", "2022-07-14", [(0, "04.00", False, -0.1, 1000, True)], None),
+    ("2022-08 flag wrong", "2022-08-18", [(0, "04.00", False, -0.1, 0, True)], None),
+]
+COLLECTION_CELL = SYNTH_CELL
+_ASSET_KEYS = ("blue", "green", "red", "nir")
+
+
+def build_collections(
+    files: Path, base_url: str, size: int = 96, seed: int = 5
+) -> tuple[list[dict], Any, dict[str, int]]:
+    """Items of both Earth Search collections for COLLECTION_PLAN over the synthetic sub-area of
+    49NDB. Returns (items, the SyntheticCell, acquisition label -> its synthetic date index)."""
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    from compositor.grid import transform_bounds_to_lonlat
+    from compositor.synthetic import make_synthetic
+
+    syn = make_synthetic(seed=seed, size=size, n_dates=len(COLLECTION_PLAN))
+    c, transform, bounds = synth_grid(size)
+    crs = CRS.from_epsg(c.epsg)
+    w, s, e, n = transform_bounds_to_lonlat(c.epsg, bounds)
+    t20 = transform @ Affine.scale(2)
+    tile = COLLECTION_CELL
+    items: list[dict] = []
+    index: dict[str, int] = {}
+
+    def cogs(folder: str, t: int, add: int) -> None:
+        d = files / folder
+        if (d / "scl.tif").exists():
+            return
+        for b, key in enumerate(_ASSET_KEYS):
+            dn = syn.reflectance[t, b].astype(np.uint32)
+            write_cog(
+                d / f"{key}.tif", np.where(dn > 0, dn + add, 0).astype(np.uint16), crs, transform
+            )
+        write_cog(d / "scl.tif", syn.scl[t, ::2, ::2], crs, t20, resampling="nearest")
+
+    def item(iid: str, coll: str, when: dt.datetime, props: dict, assets: dict, t: int) -> dict:
+        return {
+            "type": "Feature",
+            "stac_version": "1.0.0",
+            "id": iid,
+            "collection": coll,
+            "geometry": _polygon(w, s, e, n),
+            "bbox": [w, s, e, n],
+            "properties": {
+                "datetime": when.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+                "constellation": "sentinel-2",
+                "instruments": ["msi"],
+                "eo:cloud_cover": round(float(syn.cloud_cover[t]), 3),
+                "proj:epsg": c.epsg,
+                **_mgrs_props(tile),
+                **props,
+            },
+            "assets": assets,
+            "links": [],
+        }
+
+    for t, (label, day, legacy, c1) in enumerate(COLLECTION_PLAN):
+        index[label] = t
+        # The datastrip's sensing start names the acquisition; a second datastrip the same day
+        # starts later. The granule's own time (legacy ``datetime``) follows it by ~2 min, and
+        # Collection-1 restamps it, ~4.5 min earlier (as Earth Search does).
+        sensed = dt.datetime.fromisoformat(f"{day}T03:11:52") + dt.timedelta(
+            minutes=7 * ("second" in label)
+        )
+        granule = sensed + dt.timedelta(minutes=2, seconds=7, milliseconds=431)
+        take = sensed - dt.timedelta(minutes=9, seconds=21)
+        for seq, baseline, flag, roff, add, ok in legacy:
+            iid = f"S2B_{tile}_{day.replace('-', '')}_{seq}_L2A"
+            gen = granule + dt.timedelta(hours=3) + dt.timedelta(days=400 * seq)
+            folder = f"legacy/{iid}"
+            s3 = (
+                f"s3://sentinel-s2-l2a/tiles/49/N/DB/{day[:4]}/{int(day[5:7])}/{int(day[8:])}/{seq}"
+            )
+            assets = {}
+            for key, jp2 in zip(
+                (*_ASSET_KEYS, "scl"), ("B02", "B03", "B04", "B08", "SCL"), strict=True
+            ):
+                gsd = 20 if key == "scl" else 10
+                href = f"{base_url}/{folder}/{key}.tif" if ok else f"{s3}/R{gsd}m/{jp2}.jp2"
+                a = _scl_asset(href) if key == "scl" else _band_asset(href, key, gsd, roff)
+                assets[key] = a
+                assets[f"{key}-jp2"] = {**a, "href": f"{s3}/R{gsd}m/{jp2}.jp2", "type": "image/jp2"}
+            if ok:
+                cogs(folder, t, add)
+            props = {
+                **s2_ids(
+                    "sentinel-2b",
+                    tile,
+                    sensed,
+                    baseline,
+                    gen,
+                    "SGS_" if seq == 0 else "S2RP",
+                    datatake=take,
+                ),
+                "s2:sequence": str(seq),
+                "earthsearch:boa_offset_applied": flag,
+                "earthsearch:s3_path": f"s3://sentinel-cogs/sentinel-s2-l2a-cogs/49/N/DB/{iid}",
+            }
+            items.append(item(iid, S2_OLD, granule, props, assets, t))
+        if c1 is not None:
+            baseline, flag = c1
+            iid = f"S2B_T{tile}_{take:%Y%m%dT%H%M%S}_L2A"
+            folder = f"c1/{iid}"
+            cogs(folder, t, 1000)  # Collection-1 keeps ESA's +1000 and declares it
+            assets = {
+                key: _band_asset(f"{base_url}/{folder}/{key}.tif", key, 10, -0.1)
+                for key in _ASSET_KEYS
+            }
+            assets["scl"] = _scl_asset(f"{base_url}/{folder}/scl.tif")
+            gen = dt.datetime(2023, 7, 8, 13, 48, 57) + dt.timedelta(days=t)
+            props = s2_ids("sentinel-2b", tile, sensed, baseline, gen, "S2RP", datatake=take)
+            if flag is not None:
+                props["earthsearch:boa_offset_applied"] = flag
+            restamped = granule - dt.timedelta(minutes=4, seconds=26)
+            items.append(item(iid, S2_C1, restamped, props, assets, t))
+    return items, syn, index
 
 
 def scramble_tiles(path: Path) -> None:
@@ -495,26 +690,71 @@ def build_dem(
 
 
 # ------------------------------------------------------------------------------- file server
-def _serve_files(root: str, port: int, latency_ms: float) -> None:
-    """RangeHTTPServer's handler on a threading server, logging bytes sent per request."""
+class _CutShort(ConnectionAbortedError):
+    """Raised inside the file server to drop a connection mid-body (a cut link)."""
+
+
+def _serve_files(
+    root: str, port: int, latency_ms: float, truncate: str = "", truncate_times: int = 0
+) -> None:
+    """RangeHTTPServer's handler on a threading server, logging bytes sent per request.
+
+    ``truncate``: the first ``truncate_times`` range answers for paths containing this text
+    send their headers and half their body, then the connection drops (as a cut link or a
+    proxy timeout does mid-transfer). Logged as ``CUT path bytes``."""
     import http.server
+    import threading
 
     from RangeHTTPServer import RangeRequestHandler
 
+    cuts: dict[str, int] = {}
+    lock = threading.Lock()
+
     class Counting:
-        def __init__(self, raw: Any):
-            self.raw, self.n = raw, 0
+        def __init__(self, raw: Any, limit: int | None = None):
+            self.raw, self.n, self.limit = raw, 0, limit
 
         def write(self, b: bytes) -> int:
+            if self.limit is not None and self.n + len(b) > self.limit:
+                b = b[: self.limit - self.n]
+                self.raw.write(b)
+                self.n += len(b)
+                raise _CutShort
             self.n += len(b)
             return self.raw.write(b)
 
     class Handler(RangeRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as S3 and CDNs do
 
+        def _cut_this(self) -> bool:
+            if not truncate or truncate not in self.path or not getattr(self, "range", None):
+                return False
+            if self.range[0] < 32768:  # GDAL's header read at open: it re-reads that itself
+                return False
+            with lock:
+                n = cuts.get(self.path, 0)
+                if n >= truncate_times:
+                    return False
+                cuts[self.path] = n + 1
+                return True
+
         def copyfile(self, source: Any, outputfile: Any) -> None:
-            out = Counting(outputfile)
-            super().copyfile(source, out)
+            limit = None
+            if self._cut_this():
+                first, last = self.range
+                size = os.fstat(source.fileno()).st_size
+                last = size - 1 if last is None or last >= size else last
+                limit = (last - first + 1) // 2
+            out = Counting(outputfile, limit)
+            try:
+                super().copyfile(source, out)
+            except _CutShort:
+                sys.stdout.write(f"CUT {self.path} {out.n}\n")
+                sys.stdout.flush()
+                self.close_connection = True
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             sys.stdout.write(f"SENT {self.path} {out.n}\n")
             sys.stdout.flush()
 
@@ -540,9 +780,11 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("root")
     f.add_argument("port", type=int)
     f.add_argument("--latency", type=float, default=0.0, help="ms added before each answer")
+    f.add_argument("--truncate", default="", help="cut range answers for paths with this text")
+    f.add_argument("--truncate-times", type=int, default=1, help="cut the first N per path")
     a = p.parse_args(argv)
     if a.cmd == "files":
-        _serve_files(a.root, a.port, a.latency)
+        _serve_files(a.root, a.port, a.latency, a.truncate, a.truncate_times)
 
 
 if __name__ == "__main__":

@@ -218,7 +218,7 @@ def test_search_filters_on_a_real_stac_api(servers: Servers):
         months=(6, 7, 8, 9),
         max_cloud=30,
         limit=7,
-        collection=ss.S2_OLD,
+        collections=(ss.S2_OLD,),
     )
     r = search(q, client)
     # What should match, decided from the items as written.
@@ -251,11 +251,23 @@ def test_search_filters_on_a_real_stac_api(servers: Servers):
     # The other collection holds other items of the same tile.
     c1 = search(
         SearchQuery(
-            cell="34TER", start=dt.date(2015, 1, 1), end=dt.date(2021, 12, 31), collection=ss.S2_C1
+            cell="34TER",
+            start=dt.date(2015, 1, 1),
+            end=dt.date(2021, 12, 31),
+            collections=(ss.S2_C1,),
         ),
         client,
     )
     assert c1.items and all(i.collection_id == ss.S2_C1 for i in c1.items)
+    # Both (the default): these items name no datastrip, so the same day, platform and orbit
+    # make one acquisition; each Collection-1 copy replaces its legacy twin.
+    both = search(
+        SearchQuery(cell="34TER", start=dt.date(2015, 1, 1), end=dt.date(2021, 12, 31)), client
+    )
+    twins = {i.id: i.id.replace("S2A_T", "S2A_") for i in c1.items}
+    assert both.duplicates == {old: new for new, old in twins.items()}
+    assert {i.id for i in c1.items} <= {i.id for i in both.items}
+    assert not set(twins.values()) & {i.id for i in both.items}
 
     code, out = _cli(
         "search",

@@ -196,6 +196,13 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
         settings.data_dir,
         ", ".join(app.state.registry.ids()),
     )
+    if not app.state.registry.ids():
+        log.warning(
+            "no stacks in %s: this server has no cells to show. Point CLEARSKY_DATA_DIR (or "
+            "`clearsky serve --data`) at a folder of <CELL>.zarr stacks; in Docker, mount one: "
+            "docker run -v \"$PWD/data/demo:/data:ro\" ...",
+            settings.data_dir,
+        )
 
     # Same dependencies for both layers: composite options in, no titiler band/expression ones.
     common = dict(
@@ -287,7 +294,16 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
 
     @app.get("/health", tags=["ops"])
     def health(request: Request) -> dict:
-        return {"status": "ok", "cells": request.app.state.registry.ids()}
+        reg: Registry = request.app.state.registry
+        if not reg.ids():
+            reg.refresh()  # stacks prefetched or mounted since start-up
+        if not reg.ids():  # up, but nothing to serve: say so (the log says where it looked)
+            return {
+                "status": "no data",
+                "cells": [],
+                "message": "no stacks in the data directory: mount or prefetch some",
+            }
+        return {"status": "ok", "cells": reg.ids()}
 
     static_dir = FsPath(settings.static_dir)
     if static_dir.is_dir():
