@@ -12,9 +12,11 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import rasterio
@@ -22,6 +24,9 @@ from rasterio.windows import Window
 
 from compositor.stack import Stack
 from compositor.tiling import ViewParams, composite_window
+
+if TYPE_CHECKING:
+    from dask.distributed import Client
 
 log = logging.getLogger(__name__)
 BLOCK = 1024
@@ -117,22 +122,9 @@ def run_batch(
 ) -> list[dict]:
     """Composite every (cell, stack path) on Dask: a LocalCluster by default, or the cluster at
     ``scheduler`` (tcp://host:port). A failing cell is reported in its result, not fatal."""
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import as_completed
 
-    cluster = None
-    if scheduler:
-        client = Client(scheduler)
-    else:
-        # Processes, one thread each: the kernels use their own threads.
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            host="127.0.0.1",
-        )
-        client = Client(cluster)
-    try:
+    with dask_client(scheduler, workers) as client:
         futures = {
             client.submit(
                 composite_cell,
@@ -156,7 +148,30 @@ def run_batch(
             if progress:
                 progress(res)
         return sorted(results, key=lambda r: r["cell"])
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+
+
+@contextmanager
+def dask_client(scheduler: str | None = None, workers: int = 2) -> Iterator[Client]:
+    """A Dask client: of the cluster at ``scheduler`` (tcp://host:port), or of a LocalCluster
+    of ``workers`` processes on this machine, closed on exit."""
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler:
+        client = Client(scheduler)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    # Processes, one thread each: the kernels use their own threads.
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            host="127.0.0.1",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
