@@ -585,10 +585,15 @@ def export(
     mbtiles: Annotated[bool, typer.Option(help="Also write NAME.mbtiles (QGIS, GDAL)")] = False,
     data: DataDir = None,
     workers: Annotated[
-        int | None, typer.Option(help="Worker processes (default: the CPU count; 1: no Dask)")
+        int | None,
+        typer.Option(
+            help="Local Dask worker processes (default: one per CPU core, or none (this "
+            "process) under 256 tiles; 1: this process)"
+        ),
     ] = None,
     scheduler: Annotated[
-        str | None, typer.Option(help="Dask scheduler address (default: a LocalCluster)")
+        str | None,
+        typer.Option(help="Dask scheduler address (default: a LocalCluster; paths shared)"),
     ] = None,
     base_url: Annotated[
         str | None, typer.Option(help="Where the folder will be published (for the snippet)")
@@ -620,6 +625,7 @@ def export(
     from compositor.search import parse_bbox
 
     _setup_logging()
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # the progress bar says enough
     params = {
         "layer": layer,
         "percentile": percentile,

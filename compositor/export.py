@@ -24,8 +24,10 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import morecantile
 import numpy as np
@@ -42,9 +44,13 @@ log = logging.getLogger(__name__)
 ATTRIBUTION = "Contains modified Copernicus Sentinel data"
 MAX_ZOOM = 18
 TILE_SIZE = 256
-CHUNK = 16  # tiles per task: ~1 s of work at native zoom, small against Dask's overhead
+CHUNK = 8  # tiles per task and per commit: ~0.5 s of work at native zoom
 LAYOUTS = ("pmtiles", "xyz")
 SAMPLES = 6  # tiles rendered up front to estimate the archive size
+# Fewer tiles than this render in this process by default: a LocalCluster's start (~3 s, and
+# each worker's first chunk) costs more than its 1.5x steady rate on two cores wins back
+# (bench/export.py: break-even near 270 tiles).
+SMALL_EXPORT = 256
 STATIC_FILES = {  # npm files the page needs (static/package.json) -> name next to index.html
     "node_modules/leaflet/dist/leaflet.js": "leaflet.js",
     "node_modules/leaflet/dist/leaflet.css": "leaflet.css",
@@ -303,7 +309,10 @@ _OPEN: dict[tuple[str, ...], list[Stack]] = {}  # stacks opened once per worker 
 
 
 def render_chunk(
-    stack_paths: tuple[str, ...], tiles: Sequence[TileKey], view: ViewParams, fmt: str
+    stack_paths: tuple[str, ...],
+    tiles: Sequence[TileKey],
+    view: ViewParams,
+    fmt: str,
 ) -> list[tuple[TileKey, bytes | None]]:
     """Render and encode tiles; None for a tile with no valid pixel (nothing to store)."""
     stacks = _OPEN.get(stack_paths)
@@ -449,6 +458,8 @@ def run_export(
             if progress:
                 progress(finished, total)
 
+        if workers is None and scheduler is None and len(todo) < SMALL_EXPORT:
+            workers = 1  # a LocalCluster would take longer to start than the work takes
         failed = _render_all(paths, chunks, plan, workers, scheduler, collect)
     if failed:
         store.close()
@@ -479,37 +490,66 @@ def _render_all(
     scheduler: str | None,
     collect: Callable[[list[tuple[TileKey, bytes | None]]], None],
 ) -> list[str]:
-    """Render the chunks in this process (one worker, no scheduler) or on Dask; results are
-    handed to ``collect`` in this process (one writer). Returns the errors of failed chunks."""
-    failed: list[str] = []
-    if scheduler is None and (workers or 1) <= 1:
-        for chunk in chunks:
-            collect(render_chunk(paths, chunk, plan.view, plan.fmt))
-        return failed
-    from dask.distributed import as_completed
-
+    """Render the chunks on a Dask cluster: the one at ``scheduler``, else a LocalCluster of
+    ``workers`` processes (default: one per core), as `clearsky batch` does; with one worker,
+    here. Results are handed to ``collect`` in this thread (one writer). Returns the errors of
+    failed chunks."""
+    n = workers or os.cpu_count() or 1
+    if scheduler is None and n == 1:
+        with ThreadPoolExecutor(1) as pool:
+            return _drain(
+                lambda c: pool.submit(render_chunk, paths, c, plan.view, plan.fmt),
+                chunks,
+                2,
+                collect,
+            )
     from compositor.batch import dask_client
 
-    with dask_client(scheduler, workers or os.cpu_count() or 1) as client:
-        # A bounded number of chunks in flight: results come back to this process, and a big
-        # export must not hold all its tiles in memory at once.
-        window = 4 * max(len(client.nthreads()), 1)
-        pending = iter(chunks)
+    # Processes, not threads: 1.7x the tiles per second of two threads in one process on two
+    # cores (Python parts of a tile hold the GIL), for ~3 s of cluster start (bench/export.py).
+    with dask_client(scheduler, n) as client:
+        return _drain(
+            lambda c: client.submit(render_chunk, paths, c, plan.view, plan.fmt, pure=False),
+            chunks,
+            4 * max(len(client.nthreads()), 1),
+            collect,
+        )
 
-        def submit(chunk: list[TileKey]):
-            return client.submit(render_chunk, paths, chunk, plan.view, plan.fmt, pure=False)
 
-        queue = as_completed([submit(c) for c in itertools.islice(pending, window)])
-        for fut in queue:
-            try:
-                collect(fut.result())
-            except Exception as exc:  # one bad chunk must not lose the others: reported, rerun
-                failed.append(f"{type(exc).__name__}: {exc}")
-            nxt = next(pending, None)
-            if nxt is not None:
-                queue.add(submit(nxt))
-            fut.release()
+def _drain(
+    submit: Callable[[list[TileKey]], Any],
+    chunks: list[list[TileKey]],
+    window: int,
+    collect: Callable[[list[tuple[TileKey, bytes | None]]], None],
+) -> list[str]:
+    """Keep ``window`` chunks in flight (results come back here: a big export must not hold
+    all its tiles in memory), collect each as it finishes; one failing chunk is reported, the
+    others go on. Futures are concurrent.futures' or Dask's (same interface)."""
+    failed: list[str] = []
+    pending = iter(chunks)
+    running = {submit(c) for c in itertools.islice(pending, window)}
+    while running:
+        done = _first_done(running)
+        running.discard(done)
+        try:
+            collect(done.result())
+        except Exception as exc:  # reported; a rerun renders just the missing tiles
+            failed.append(f"{type(exc).__name__}: {exc}")
+        nxt = next(pending, None)
+        if nxt is not None:
+            running.add(submit(nxt))
     return failed
+
+
+def _first_done(futures: set) -> Any:
+    """One of ``futures`` that has finished, waiting for one if none has."""
+    if isinstance(next(iter(futures)), Future):
+        done, _ = wait(futures, return_when=FIRST_COMPLETED)
+    else:
+        from dask.distributed import wait as dask_wait
+
+        done, _ = dask_wait(list(futures), return_when="FIRST_COMPLETED")
+    return next(iter(done))
 
 
 # ------------------------------------------------------------------------ writing
