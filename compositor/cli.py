@@ -681,6 +681,8 @@ def export(
         _fail(str(exc), code=3)
     except ExportError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted: finished tiles are kept; run the same command again to go on", 3)
     finally:
         if bar is not None:
             bar.close()
