@@ -6,7 +6,8 @@ Throughput, on the synthetic demo cell (49NDB, 64 dates, 1024 x 1024 px at 10 m)
 Z0-Z1, every run cold (a percentile no run asked before, mask cache empty):
 - baseline: the same tiles fetched from `clearsky serve` (a fresh process on 127.0.0.1) by two
   concurrent HTTP clients, i.e. scraping the server;
-- `clearsky export --workers 1`: in this process, no Dask (the default under 256 tiles);
+- `clearsky export --workers 1`: one thread in this process;
+- `clearsky export`: one thread per core in this process (the default under 256 tiles);
 - `clearsky export --workers 2`: a Dask LocalCluster of 2 worker processes, started and stopped
   by the export (counted; the default from 256 tiles up);
 - `clearsky export --scheduler`: the same cluster started beforehand, as a running cluster
@@ -171,7 +172,8 @@ def main() -> None:
 
     res: dict = {"zooms": list(zooms), "cores": os.cpu_count()}
     res["server_2_clients"] = server_crawl(data, plan.tiles, "26")
-    res["export_1_worker"] = export_run(data, zooms, "27", workers=1)
+    res["export_1_thread"] = export_run(data, zooms, "27", workers=1)
+    res["export_threads"] = export_run(data, zooms, "30")
     res["export_2_workers"] = export_run(data, zooms, "28", workers=2)
     from dask.distributed import LocalCluster
 
@@ -191,7 +193,8 @@ def main() -> None:
     print(f"{'path':52} {'tiles/s':>8} {'steady':>8} {'vs server':>10}")
     for key, label in (
         ("server_2_clients", "clearsky serve, 2 concurrent HTTP clients (baseline)"),
-        ("export_1_worker", "export --workers 1 (in this process)"),
+        ("export_1_thread", "export --workers 1 (one thread)"),
+        ("export_threads", f"export ({res['cores']} threads, default under 256 tiles)"),
         ("export_2_workers", "export --workers 2 (LocalCluster, start counted)"),
         ("export_scheduler", "export --scheduler (same cluster, running already)"),
     ):

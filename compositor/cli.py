@@ -587,8 +587,8 @@ def export(
     workers: Annotated[
         int | None,
         typer.Option(
-            help="Local Dask worker processes (default: one per CPU core, or none (this "
-            "process) under 256 tiles; 1: this process)"
+            help="N: a local Dask cluster of N processes; 1: one thread here (default: one "
+            "thread per core here under 256 tiles, else one process per core)"
         ),
     ] = None,
     scheduler: Annotated[

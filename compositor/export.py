@@ -47,9 +47,8 @@ TILE_SIZE = 256
 CHUNK = 8  # tiles per task and per commit: ~0.5 s of work at native zoom
 LAYOUTS = ("pmtiles", "xyz")
 SAMPLES = 6  # tiles rendered up front to estimate the archive size
-# Fewer tiles than this render in this process by default: a LocalCluster's start (~3 s, and
-# each worker's first chunk) costs more than its 1.5x steady rate on two cores wins back
-# (bench/export.py: break-even near 270 tiles).
+# Fewer tiles than this render in this process by default: a LocalCluster's start (3-4 s, and
+# each worker's first chunk) costs more than its faster steady rate wins back (bench/export.py).
 SMALL_EXPORT = 256
 STATIC_FILES = {  # npm files the page needs (static/package.json) -> name next to index.html
     "node_modules/leaflet/dist/leaflet.js": "leaflet.js",
@@ -458,8 +457,6 @@ def run_export(
             if progress:
                 progress(finished, total)
 
-        if workers is None and scheduler is None and len(todo) < SMALL_EXPORT:
-            workers = 1  # a LocalCluster would take longer to start than the work takes
         failed = _render_all(paths, chunks, plan, workers, scheduler, collect)
     if failed:
         store.close()
@@ -490,24 +487,29 @@ def _render_all(
     scheduler: str | None,
     collect: Callable[[list[tuple[TileKey, bytes | None]]], None],
 ) -> list[str]:
-    """Render the chunks on a Dask cluster: the one at ``scheduler``, else a LocalCluster of
-    ``workers`` processes (default: one per core), as `clearsky batch` does; with one worker,
-    here. Results are handed to ``collect`` in this thread (one writer). Returns the errors of
-    failed chunks."""
-    n = workers or os.cpu_count() or 1
-    if scheduler is None and n == 1:
-        with ThreadPoolExecutor(1) as pool:
+    """Render the chunks on the Dask cluster at ``scheduler``; else, by default, on one thread
+    per core here for small exports and on a LocalCluster of one worker process per core for
+    the others (`clearsky batch` runs on it too); ``workers`` = 1: one thread here, N: a
+    LocalCluster of N. Results are handed to ``collect`` in this thread (one writer). Returns
+    the errors of failed chunks."""
+    cores = os.cpu_count() or 1
+    small = sum(map(len, chunks)) < SMALL_EXPORT
+    if scheduler is None and (workers == 1 or (workers is None and small)):
+        # Threads, as the server renders concurrent tiles (kernels, GDAL and zlib release the
+        # GIL): nothing to start, where a LocalCluster would take longer than the work.
+        n = 1 if workers == 1 else cores
+        with ThreadPoolExecutor(n) as pool:
             return _drain(
                 lambda c: pool.submit(render_chunk, paths, c, plan.view, plan.fmt),
                 chunks,
-                2,
+                2 * n,
                 collect,
             )
     from compositor.batch import dask_client
 
     # Processes, not threads: 1.7x the tiles per second of two threads in one process on two
     # cores (Python parts of a tile hold the GIL), for ~3 s of cluster start (bench/export.py).
-    with dask_client(scheduler, n) as client:
+    with dask_client(scheduler, workers or cores) as client:
         return _drain(
             lambda c: client.submit(render_chunk, paths, c, plan.view, plan.fmt, pure=False),
             chunks,
