@@ -32,6 +32,7 @@ from typing import Any
 import morecantile
 import numpy as np
 
+from compositor.alloc import retain_freed_memory
 from compositor.grid import CellError, normalize_cell_id, transform_bounds_to_lonlat
 from compositor.mosaic import WEB_MERCATOR, OutsideCells, native_zoom, render_tile
 from compositor.params import ParamError, TileQuery, view_params
@@ -314,6 +315,7 @@ def render_chunk(
     fmt: str,
 ) -> list[tuple[TileKey, bytes | None]]:
     """Render and encode tiles; None for a tile with no valid pixel (nothing to store)."""
+    retain_freed_memory()  # as the server does: tiles reuse freed buffers, no fresh page faults
     stacks = _OPEN.get(stack_paths)
     if stacks is None:
         stacks = _OPEN[stack_paths] = [Stack.open(p) for p in stack_paths]
