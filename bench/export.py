@@ -6,12 +6,10 @@ Throughput, on the synthetic demo cell (49NDB, 64 dates, 1024 x 1024 px at 10 m)
 Z0-Z1, every run cold (a percentile no run asked before, mask cache empty):
 - baseline: the same tiles fetched from `clearsky serve` (a fresh process on 127.0.0.1) by two
   concurrent HTTP clients, i.e. scraping the server;
-- `clearsky export --workers 1`: one thread in this process;
-- `clearsky export`: one thread per core in this process (the default under 256 tiles);
-- `clearsky export --workers 2`: a Dask LocalCluster of 2 worker processes, started and stopped
-  by the export (counted; the default from 256 tiles up);
-- `clearsky export --scheduler`: a running cluster (`dask scheduler` and `dask worker
-  --nworkers 2` processes, started beforehand; their start is timed apart).
+- `clearsky export --workers 1`: one thread;
+- `clearsky export`: one thread per core (the default);
+- `clearsky export --scheduler`: on a running Dask cluster of 2 worker processes (`dask
+  scheduler` and `dask worker --nworkers 2 --nthreads 1`, started beforehand; timed apart).
 Each config runs once per round (default 3 rounds, interleaved: loads from other users of a
 shared machine come and go); the best run of each is reported.
 For exports, end to end (size estimate, archive and page included) and the steady rate (from the
@@ -184,8 +182,7 @@ def export_run(
         progress=lambda done, total: marks.append((time.perf_counter(), done)),
     )
     sec = time.perf_counter() - t0
-    # CPU of this process, plus the running cluster's workers; a LocalCluster made by the
-    # export itself is not counted (None).
+    # CPU of this process, plus the running cluster's workers.
     cpu = time.process_time() - c0 + (cluster_cpu(scheduler) - cpu0 if scheduler else 0.0)
     shutil.rmtree(out)
     # marks[0]: before the work (the size-estimate tiles done); marks[1]: the first chunk.
@@ -198,7 +195,7 @@ def export_run(
         "seconds": sec,
         "tiles_per_s": rep.tiles / sec,
         "steady_tiles_per_s": steady,
-        "cpu_ms_per_tile": None if (workers or 0) > 1 else cpu / rep.tiles * 1000,
+        "cpu_ms_per_tile": cpu / rep.tiles * 1000,
         "bytes": rep.bytes,
     }
 
@@ -264,7 +261,6 @@ def main() -> None:
             "server_2_clients": lambda q: server_crawl(data, plan.tiles, q),
             "export_1_thread": lambda q: export_run(data, zooms, q, workers=1),
             "export_threads": lambda q: export_run(data, zooms, q),
-            "export_2_workers": lambda q: export_run(data, zooms, q, workers=2),
             "export_scheduler": lambda q: export_run(data, zooms, q, scheduler=scheduler),
         }
         # Rounds, each config once per round: other loads on a shared machine come and go, so
@@ -290,8 +286,7 @@ def main() -> None:
     for key, label in (
         ("server_2_clients", "clearsky serve, 2 concurrent HTTP clients (baseline)"),
         ("export_1_thread", "export --workers 1 (one thread)"),
-        ("export_threads", f"export ({res['cores']} threads, default under 256 tiles)"),
-        ("export_2_workers", "export --workers 2 (LocalCluster, start counted)"),
+        ("export_threads", f"export ({res['cores']} threads, the default)"),
         ("export_scheduler", "export --scheduler (2 workers, running already)"),
     ):
         r = res[key]

@@ -585,15 +585,11 @@ def export(
     mbtiles: Annotated[bool, typer.Option(help="Also write NAME.mbtiles (QGIS, GDAL)")] = False,
     data: DataDir = None,
     workers: Annotated[
-        int | None,
-        typer.Option(
-            help="N: a local Dask cluster of N processes; 1: one thread here (default: one "
-            "thread per core here under 256 tiles, else one process per core)"
-        ),
+        int | None, typer.Option(help="Rendering threads (default: one per CPU core)")
     ] = None,
     scheduler: Annotated[
         str | None,
-        typer.Option(help="Dask scheduler address (default: a LocalCluster; paths shared)"),
+        typer.Option(help="Render on this Dask cluster (tcp://HOST:PORT; stacks at same paths)"),
     ] = None,
     base_url: Annotated[
         str | None, typer.Option(help="Where the folder will be published (for the snippet)")

@@ -4,8 +4,8 @@ For maps in pages with no server: the folder works behind any static web server.
 from compositor.mosaic.render_tile, the renderer of the server's global layer, and are encoded
 by compositor.render.encode_tile as the server does: an exported tile is the server's tile.
 
-Work: tiles are rendered in chunks on Dask (a LocalCluster, or a cluster given by address, as
-`clearsky batch` does), or in this process with one worker. Every finished chunk is committed
+Work: tiles are rendered in chunks on one thread per core here, or on a Dask cluster given by
+its scheduler's address (as `clearsky batch` can). Every finished chunk is committed
 to a work store in the output folder (`.NAME.work.sqlite`), so a killed export continues where
 it stopped; the archive, MBTiles file, tile folder and page appear only once complete (written
 under a temporary name, then renamed).
@@ -48,9 +48,6 @@ TILE_SIZE = 256
 CHUNK = 8  # tiles per task and per commit: ~0.5 s of work at native zoom
 LAYOUTS = ("pmtiles", "xyz")
 SAMPLES = 6  # tiles rendered up front to estimate the archive size
-# Fewer tiles than this render in this process by default: a LocalCluster's start (3-4 s, and
-# each worker's first chunk) costs more than its faster steady rate wins back (bench/export.py).
-SMALL_EXPORT = 256
 STATIC_FILES = {  # npm files the page needs (static/package.json) -> name next to index.html
     "node_modules/leaflet/dist/leaflet.js": "leaflet.js",
     "node_modules/leaflet/dist/leaflet.css": "leaflet.css",
@@ -489,17 +486,14 @@ def _render_all(
     scheduler: str | None,
     collect: Callable[[list[tuple[TileKey, bytes | None]]], None],
 ) -> list[str]:
-    """Render the chunks on the Dask cluster at ``scheduler``; else, by default, on one thread
-    per core here for small exports and on a LocalCluster of one worker process per core for
-    the others (`clearsky batch` runs on it too); ``workers`` = 1: one thread here, N: a
-    LocalCluster of N. Results are handed to ``collect`` in this thread (one writer). Returns
-    the errors of failed chunks."""
-    cores = os.cpu_count() or 1
-    small = sum(map(len, chunks)) < SMALL_EXPORT
-    if scheduler is None and (workers == 1 or (workers is None and small)):
-        # Threads, as the server renders concurrent tiles (kernels, GDAL and zlib release the
-        # GIL): nothing to start, where a LocalCluster would take longer than the work.
-        n = 1 if workers == 1 else cores
+    """Render the chunks on ``workers`` threads here (default: one per core), or on the Dask
+    cluster at ``scheduler``. Results are handed to ``collect`` in this thread (one writer).
+    Returns the errors of failed chunks."""
+    if scheduler is None:
+        # Threads, as the server renders concurrent tiles: the kernels, GDAL and zlib release
+        # the GIL. On two cores they beat a LocalCluster of two processes even without its
+        # start-up (bench/export.py), so a cluster is only for more machines.
+        n = workers or os.cpu_count() or 1
         with ThreadPoolExecutor(n) as pool:
             return _drain(
                 lambda c: pool.submit(render_chunk, paths, c, plan.view, plan.fmt),
@@ -509,13 +503,11 @@ def _render_all(
             )
     from compositor.batch import dask_client
 
-    # Processes, not threads: 1.7x the tiles per second of two threads in one process on two
-    # cores (Python parts of a tile hold the GIL), for ~3 s of cluster start (bench/export.py).
-    with dask_client(scheduler, workers or cores) as client:
+    with dask_client(scheduler) as client:
         return _drain(
             lambda c: client.submit(render_chunk, paths, c, plan.view, plan.fmt, pure=False),
             chunks,
-            4 * max(len(client.nthreads()), 1),
+            4 * max(sum(client.nthreads().values()), 1),
             collect,
         )
 

@@ -444,7 +444,7 @@ def test_page_shows_the_archive_from_a_static_range_server(exported, browser):
 
 
 def test_xyz_folder_works_without_range_support(demo_dir, tmp_path, browser):
-    """--layout xyz (here WebP; rendered on threads, the default for a small export) on Python's
+    """--layout xyz (here WebP; one rendering thread per core, the default) on Python's
     http.server, which has no Range support."""
     out = tmp_path / "xyz"
     r = clearsky(
