@@ -491,8 +491,8 @@ def _render_all(
     Returns the errors of failed chunks."""
     if scheduler is None:
         # Threads, as the server renders concurrent tiles: the kernels, GDAL and zlib release
-        # the GIL. On two cores they beat a LocalCluster of two processes even without its
-        # start-up (bench/export.py), so a cluster is only for more machines.
+        # the GIL. On two cores they do as well as a cluster of two worker processes
+        # (bench/export.py) with nothing to start: a cluster is for more machines.
         n = workers or os.cpu_count() or 1
         with ThreadPoolExecutor(n) as pool:
             return _drain(
