@@ -661,7 +661,7 @@ def export(
         nonlocal bar
         typer.echo(
             f"{plan.name}: {total} tiles at zooms {plan.minzoom}-{plan.maxzoom} over "
-            f"{', '.join(c for c, _ in plan.cells)}"
+            f"{', '.join(plan.region_cells)}"
             + (f", {done} done by an earlier run" if done else "")
             + f"; archive about {nbytes / 1e6:.1f} MB"
         )

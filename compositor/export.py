@@ -74,7 +74,7 @@ class ExportPlan:
 
     name: str
     out_dir: Path
-    cells: list[tuple[str, Path]]  # (cell id, stack path), by id: the order pixels are taken in
+    cells: list[tuple[str, Path]]  # (cell id, stack path) rendered, by id: pixels' priority
     bounds: tuple[float, float, float, float]  # lon/lat of the whole region
     boxes: list[tuple[float, float, float, float]]  # lon/lat: each cell's part of the region
     minzoom: int
@@ -85,6 +85,7 @@ class ExportPlan:
     layout: str = "pmtiles"
     mbtiles: bool = False
     tiles: list[TileKey] = field(default_factory=list)  # every tile overlapping the region
+    region_cells: list[str] = field(default_factory=list)  # the cells whose boxes these are
 
     @property
     def archive(self) -> Path:
@@ -138,7 +139,7 @@ class ExportPlan:
         return {
             "name": self.name,
             "description": "Cloud-free Sentinel-2 composite made with ClearSky "
-            f"({', '.join(c for c, _ in self.cells)})",
+            f"({', '.join(self.region_cells)})",
             "attribution": ATTRIBUTION,
             "type": "baselayer",
             "format": self.fmt,
@@ -149,7 +150,7 @@ class ExportPlan:
             "maxzoom": self.maxzoom,
             "tilesize": TILE_SIZE,
             "clearsky": {
-                "cells": [c for c, _ in self.cells],
+                "cells": self.region_cells,
                 "parameters": self.query.given(),
                 "layer": self.view.layer,
                 "exported": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -183,6 +184,9 @@ def plan_export(
         raise ExportError(f"invalid 'layout': {layout!r}; use one of {', '.join(LAYOUTS)}")
     chosen = _choose_cells(Path(data_dir), cells, bbox)
     stacks = [Stack.open(p) for _, p in chosen]
+    # Named cells are rendered alone; a --bbox region is the global layer: tiles along its
+    # edges take pixels from any served cell they touch, as the server's do.
+    render = chosen if cells else sorted(list_stacks(data_dir).items())
     # Tiles cover each cell's box, not the box around all of them: two cells far apart must
     # not export the ocean between them.
     boxes = [transform_bounds_to_lonlat(s.epsg, s.bounds) for s in stacks]
@@ -202,9 +206,10 @@ def plan_export(
     plan = ExportPlan(
         name=name or "-".join(c for c, _ in chosen),
         out_dir=Path(out_dir),
-        cells=chosen,
+        cells=[(c.upper(), p) for c, p in render],
         bounds=region,
         boxes=boxes,  # type: ignore[arg-type]
+        region_cells=[c for c, _ in chosen],
         minzoom=0,
         maxzoom=0,
         query=query,
@@ -463,7 +468,7 @@ def run_export(
             f"{len(failed)} chunks of tiles failed (first: {failed[0]}); the rest is kept in "
             f"{plan.work_path.name}: run the same command again to retry"
         )
-    outputs, stored, nbytes = _write_outputs(plan, store, base_url)
+    outputs, stored, nbytes = _write_outputs(plan, store)
     store.close(remove=True)
     return ExportReport(
         plan=plan,
@@ -549,15 +554,13 @@ def _first_done(futures: set) -> Any:
 
 
 # ------------------------------------------------------------------------ writing
-def _write_outputs(
-    plan: ExportPlan, store: WorkStore, base_url: str | None
-) -> tuple[list[Path], int, int]:
+def _write_outputs(plan: ExportPlan, store: WorkStore) -> tuple[list[Path], int, int]:
     stored = store.db.execute("SELECT count(*), sum(length(data)) FROM tiles WHERE data NOT NULL")
     n, nbytes = stored.fetchone()
     if not n:
         raise ExportError(
             f"no tile of the region has data (zooms {plan.minzoom}-{plan.maxzoom}, cells "
-            f"{', '.join(c for c, _ in plan.cells)})"
+            f"{', '.join(plan.region_cells)})"
         )
     outputs: list[Path] = []
     if plan.layout == "pmtiles":

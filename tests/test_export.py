@@ -200,14 +200,30 @@ def test_seams_between_cells_equal_the_global_layer(demo_dir, tmp_path, dask_sch
         if all(tile_touches(s, TMS, morecantile.Tile(k[1], k[2], k[0])) for s in stacks)
     ]
     assert both, "no exported tile spans the two cells"
+    # A small --bbox inside the demo cell just east of the neighbour: only the demo cell
+    # overlaps it, but its westernmost tiles reach into the neighbour, as in the global layer.
+    from compositor.grid import transform_bounds_to_lonlat
+
+    east = transform_bounds_to_lonlat(stacks[0].epsg, stacks[0].bounds)[2]
+    _, s_, _, n_ = transform_bounds_to_lonlat(stacks[1].epsg, stacks[1].bounds)
+    bbox = f"{east + 0.001},{s_ + 0.005},{east + 0.01},{n_ - 0.005}"
+    small = tmp_path / "small"
+    r = clearsky(
+        "export", "--bbox", bbox, "--data", str(data), "--out", str(small), "--minzoom", "14",
+        "--maxzoom", "14", "--workers", "1", "--no-progress", "--percentile", "40",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    edge = archive_tiles(small / f"{SYNTH_CELL}.pmtiles")
+    assert any(tile_touches(stacks[0], TMS, morecantile.Tile(k[1], k[2], k[0])) for k in edge)
     with serve(data) as url:
-        for z, x, y in tiles:
-            want = httpx.get(
-                f"{url}/tiles/WebMercatorQuad/{z}/{x}/{y}.png",
-                params={"percentile": "40"},
-                timeout=120,
-            )
-            assert np.array_equal(rgba(tiles[(z, x, y)]), rgba(want.content)), (z, x, y)
+        for got in (tiles, edge):
+            for z, x, y in got:
+                want = httpx.get(
+                    f"{url}/tiles/WebMercatorQuad/{z}/{x}/{y}.png",
+                    params={"percentile": "40"},
+                    timeout=120,
+                )
+                assert np.array_equal(rgba(got[(z, x, y)]), rgba(want.content)), (z, x, y)
 
 
 # ------------------------------------------------------------------------ bad input
