@@ -612,7 +612,8 @@ def export(
     """Export a region as a PMTiles archive (or {z}/{x}/{y} files, or MBTiles) with a web map
     (index.html) that works on any static web server: maps for blog posts.
 
-    Exit status 2: bad input (nothing written). 3: some tiles failed; rerun to finish.
+    Exit status 2: bad input (nothing written). 3: some tiles failed or it was interrupted: the
+    same command continues.
     """
     from tqdm import tqdm
 
