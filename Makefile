@@ -50,6 +50,7 @@ bench: setup
 	$(PY) bench/tiles.py
 	$(PY) bench/masks.py
 	$(PY) bench/prefetch.py
+	$(PY) bench/export.py --data $(DATA)
 
 clean:
 	rm -rf $(VENV) static/node_modules data/demo

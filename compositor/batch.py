@@ -20,9 +20,11 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import rasterio
@@ -30,6 +32,9 @@ from rasterio.windows import Window
 
 from compositor.stack import Stack
 from compositor.tiling import ViewParams, composite_window, effective_mask, mask_dilation
+
+if TYPE_CHECKING:
+    from dask.distributed import Client
 
 log = logging.getLogger(__name__)
 BLOCK = 1024
@@ -285,3 +290,20 @@ def run_batch(
             if not verbose:  # "worker still alive after 4 s, killing" at shutdown is routine
                 logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
             cluster.close()
+
+
+@contextmanager
+def dask_client(
+    scheduler: str | None = None, workers: int = 2, verbose: bool = False
+) -> Iterator[Client]:
+    """A Dask client (:func:`connect`) that is closed, with its LocalCluster, on exit."""
+    client, cluster = connect(scheduler, workers, verbose)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            if not verbose:  # "worker still alive after 4 s, killing" at shutdown is routine
+                logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
+            cluster.close()
+

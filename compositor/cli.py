@@ -1019,6 +1019,143 @@ def batch(
         raise typer.Exit(3)
 
 
+# ---------------------------------------------------------------- export (static maps)
+TileParam = Annotated[
+    str | None,
+    typer.Option(help="Tile parameter, as the server's (README table)", show_default=False),
+]
+
+
+@app.command()
+def export(
+    cells: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[CELL]...", help="Cell ids (or --bbox)", show_default=False),
+    ] = None,
+    bbox: Annotated[str | None, typer.Option(help="Region W,S,E,N in degrees")] = None,
+    minzoom: Annotated[
+        int | None, typer.Option(help="Lowest zoom (default: the region in about one tile)")
+    ] = None,
+    maxzoom: Annotated[
+        int | None, typer.Option(help="Highest zoom, at most 18 (default: the cells' native)")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder")] = Path("export"),
+    name: Annotated[str | None, typer.Option(help="Archive name (default: the cell ids)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Tile format: png | webp | jpg")] = "png",
+    layout: Annotated[
+        str, typer.Option(help="pmtiles (one archive) | xyz ({z}/{x}/{y} files)")
+    ] = "pmtiles",
+    mbtiles: Annotated[bool, typer.Option(help="Also write NAME.mbtiles (QGIS, GDAL)")] = False,
+    data: DataDir = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Rendering threads (default: one per CPU core)")
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help="Render on this Dask cluster (tcp://HOST:PORT; stacks at same paths)"),
+    ] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="Where the folder will be published (for the snippet)")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    layer: TileParam = None,
+    percentile: TileParam = None,
+    start: TileParam = None,
+    end: TileParam = None,
+    months: TileParam = None,
+    mask: TileParam = None,
+    cloud_threshold: TileParam = None,
+    dilate: TileParam = None,
+    temporal: TileParam = None,
+    min_clear: TileParam = None,
+    rescale: TileParam = None,
+    gamma: TileParam = None,
+    date: TileParam = None,
+    hillshade: TileParam = None,
+) -> None:
+    """Export a region as a PMTiles archive (or {z}/{x}/{y} files, or MBTiles) with a web map
+    (index.html) that works on any static web server: maps for blog posts.
+
+    Exit status 2: bad input (nothing written). 3: some tiles failed or it was interrupted: the
+    same command continues.
+    """
+    from compositor.demo import default_data_dir
+    from compositor.export import ExportError, ExportIncomplete, plan_export, run_export
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # the progress bar says enough
+    params = {
+        "layer": layer,
+        "percentile": percentile,
+        "start": start,
+        "end": end,
+        "months": months,
+        "mask": mask,
+        "cloud_threshold": cloud_threshold,
+        "dilate": dilate,
+        "temporal": temporal,
+        "min_clear": min_clear,
+        "rescale": rescale,
+        "gamma": gamma,
+        "date": date,
+        "hillshade": hillshade,
+    }
+    if workers is not None and workers < 1:
+        raise BadInput(f"--workers must be at least 1, got {workers}")
+    region = cliargs.bbox(bbox)
+    scheduler = cliargs.scheduler(scheduler)
+    try:
+        plan = plan_export(
+            data or default_data_dir(),
+            cells or [],
+            region,
+            minzoom,
+            maxzoom,
+            params,
+            out,
+            name,
+            fmt,
+            layout,
+            mbtiles,
+        )
+    except (ExportError, ValueError) as exc:
+        raise BadInput(str(exc)) from None
+    bar = None
+
+    def on_estimate(total: int, done: int, nbytes: int) -> None:
+        nonlocal bar
+        typer.echo(
+            f"{plan.name}: {total} tiles at zooms {plan.minzoom}-{plan.maxzoom} over "
+            f"{', '.join(plan.region_cells)}"
+            + (f", {done} done by an earlier run" if done else "")
+            + f"; archive about {nbytes / 1e6:.1f} MB"
+        )
+        if progress:
+            bar = progress_bar(total=total, initial=done, unit="tile", desc="tiles")
+
+    def on_progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.update(done - bar.n)
+
+    try:
+        rep = run_export(plan, workers, scheduler, on_progress, on_estimate, base_url)
+    except ExportIncomplete as exc:
+        fail(str(exc), code=3)
+    except ExportError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted: finished tiles are kept; run the same command again to go on", 3)
+    finally:
+        if bar is not None:
+            bar.close()
+    for p in rep.outputs:
+        typer.echo(f"wrote {p}")
+    typer.echo(
+        f"{rep.stored} tiles with data of {rep.tiles} ({rep.bytes / 1e6:.1f} MB, estimated "
+        f"{rep.estimate_bytes / 1e6:.1f} MB), {rep.rendered} rendered in {rep.seconds:.1f} s"
+    )
+    typer.echo("Publish the folder on any static host that answers Range requests; embed with:")
+    typer.echo(rep.snippet)
+
+
 def main() -> None:
     app()
 

@@ -107,3 +107,24 @@ def encode_png(rgb: np.ndarray, valid: np.ndarray | None = None, level: int = 1)
         + _png_chunk(b"IDAT", _deflate(raw.tobytes(), level))
         + _png_chunk(b"IEND", b"")
     )
+
+
+# Tile formats: file extension -> media type. PNG keeps the transparency of cell edges; JPEG has
+# none (transparent pixels come out black); WebP keeps it in a quarter of PNG's bytes.
+TILE_FORMATS = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+
+
+def encode_tile(rgb: np.ndarray, valid: np.ndarray, fmt: str = "png") -> bytes:
+    """A rendered tile (uint8 (3, H, W), validity (H, W)) -> image bytes in ``fmt``
+    (``TILE_FORMATS``, or ``jpeg``). The server and exports both encode here: one tile, one
+    byte string. JPEG and WebP go through rio-tiler with its default quality (GDAL drivers)."""
+    if fmt == "png":
+        return encode_png(rgb, valid)
+    from rio_tiler.profiles import img_profiles
+    from rio_tiler.utils import render
+
+    drivers = {"jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+    if fmt not in drivers:
+        raise ValueError(f"tile format must be one of {', '.join(TILE_FORMATS)}, not {fmt!r}")
+    mask = valid.astype(np.uint8) * 255
+    return render(np.ascontiguousarray(rgb), mask, img_format=drivers[fmt], **img_profiles[fmt])

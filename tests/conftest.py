@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -50,12 +51,12 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.fixture(scope="session")
-def server(demo_dir: Path) -> Iterator[str]:
-    """`clearsky serve` as a real process on 127.0.0.1; yields its base URL."""
+@contextmanager
+def serve(data_dir: Path) -> Iterator[str]:
+    """`clearsky serve` of ``data_dir`` as a real process on 127.0.0.1; yields its base URL."""
     port = free_port()
-    env = {**os.environ, "CLEARSKY_DATA_DIR": str(demo_dir)}
-    log = open(demo_dir / f"server-{port}.log", "w")  # a file, not a pipe nobody drains
+    env = {**os.environ, "CLEARSKY_DATA_DIR": str(data_dir)}
+    log = open(data_dir / f"server-{port}.log", "w")  # a file, not a pipe nobody drains
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -67,7 +68,7 @@ def server(demo_dir: Path) -> Iterator[str]:
             "--port",
             str(port),
             "--data",
-            str(demo_dir),
+            str(data_dir),
         ],
         env=env,
         stdout=log,
@@ -79,7 +80,7 @@ def server(demo_dir: Path) -> Iterator[str]:
     deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(demo_dir / log.name).read_text()[-2000:]}")
+            raise RuntimeError(f"server exited: {(data_dir / log.name).read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 break
@@ -89,10 +90,19 @@ def server(demo_dir: Path) -> Iterator[str]:
             proc.kill()
             raise RuntimeError("server did not start within 300 s")
         time.sleep(0.2)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def server(demo_dir: Path) -> Iterator[str]:
+    """`clearsky serve` of the demo cells, shared by the tests; yields its base URL."""
+    with serve(demo_dir) as url:
+        yield url

@@ -44,3 +44,20 @@ def test_nearest_keeps_values():
     st = Affine(10, 0, 500000, 0, -10, 5000000)
     out = warp(src, st, crs, crs, (500000, 4999900, 500100, 5000000), 10, 10, "nearest")
     assert np.array_equal(out, src)
+
+
+def test_lattice_upsampling_is_linear_interpolation():
+    """The separable upsampling equals interpolation matrices applied to the lattice."""
+    from compositor.warp import _upsample
+
+    rng = np.random.default_rng(1)
+    iy, jx = np.linspace(0.5, 255.5, 17), np.linspace(0.5, 199.5, 14)
+    v = rng.normal(size=(17, 14)) * 1e5
+    py, px = np.arange(256) + 0.5, np.arange(200) + 0.5
+
+    def matrix(p, nodes):
+        m = np.array([np.interp(p, nodes, np.eye(len(nodes))[i]) for i in range(len(nodes))])
+        return m.T
+
+    want = matrix(py, iy) @ v @ matrix(px, jx).T
+    assert np.allclose(_upsample(v, iy, jx, py, px), want, rtol=0, atol=1e-6)

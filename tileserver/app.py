@@ -28,7 +28,7 @@ from titiler.core.utils import render_image
 
 from compositor.alloc import retain_freed_memory
 from compositor.grid import transform_bounds_to_lonlat
-from compositor.render import encode_png
+from compositor.render import encode_png, encode_tile
 from compositor.stack import Stack
 from compositor.tiling import MASK_CACHE, NoData, ViewParams, render_area
 from tileserver import timing
@@ -62,12 +62,14 @@ class NoParams(DefaultDependency):
 def render_tile(
     image: ImageData, output_format: ImageType | None = None, **kwargs: Any
 ) -> tuple[bytes, str]:
-    """PNG through the fast encoder (tiles are rendered uint8 RGB already); other formats
-    through titiler's renderer."""
+    """PNG, JPEG and WebP through compositor.render.encode_tile, the encoder exports use too
+    (tiles are rendered uint8 RGB already); other formats through titiler's renderer."""
     t0 = time.perf_counter()
-    if output_format in (None, ImageType.png):
+    fmt = (output_format or ImageType.png).value
+    if fmt in ("png", "jpg", "jpeg", "webp") and kwargs.get("add_mask", True):
         valid = ~np.ma.getmaskarray(image.array)[0]
-        out = encode_png(np.asarray(image.array.data), valid), "image/png"
+        media = "image/png" if fmt == "png" else (output_format or ImageType.png).mediatype
+        out = encode_tile(np.asarray(image.array.data), valid, fmt), media
     else:
         out = render_image(image, output_format=output_format, **kwargs)
     timing.record({"encode": time.perf_counter() - t0})

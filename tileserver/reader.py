@@ -12,6 +12,7 @@ from rio_tiler.errors import TileOutsideBounds
 from rio_tiler.io.base import BaseReader
 from rio_tiler.models import BandStatistics, ImageData, Info, PointData
 
+from compositor.mosaic import OutsideCells, render_tile, tile_touches
 from compositor.stack import Stack
 from compositor.tiling import NoData, ViewParams, render_area
 from tileserver import timing
@@ -59,6 +60,9 @@ class StackReader(_TilesOnly, BaseReader):
     def maxzoom(self) -> int:
         return self._maxzoom + 2  # over-zoom a little past 10 m, as basemaps do
 
+    def tile_exists(self, tile_x: int, tile_y: int, tile_z: int) -> bool:
+        return tile_touches(self.input, self.tms, Tile(x=tile_x, y=tile_y, z=tile_z))
+
     def tile(
         self, tile_x: int, tile_y: int, tile_z: int, tilesize: int | None = None, **kwargs: Any
     ) -> ImageData:
@@ -99,10 +103,8 @@ class StackReader(_TilesOnly, BaseReader):
 
 @attr.s
 class CellsMosaicReader(_TilesOnly, BaseReader):
-    """Every served cell as one layer: each tile is the union of the cells it touches.
-
-    Neighbouring Sentinel-2 cells overlap by ~10 km and hold the same acquisitions there, so
-    taking the first cell (by id) that has a valid pixel gives one seamless picture."""
+    """Every served cell as one layer: each tile is the union of the cells it touches
+    (compositor.mosaic.render_tile: the first cell by id that has a pixel gives it)."""
 
     input: list[Stack]
     params: ViewParams = attr.ib(factory=ViewParams)
@@ -132,32 +134,19 @@ class CellsMosaicReader(_TilesOnly, BaseReader):
     def tile(
         self, tile_x: int, tile_y: int, tile_z: int, tilesize: int | None = None, **kwargs: Any
     ) -> ImageData:
-        size = tilesize or 256
-        rgb = np.zeros((3, size, size), np.uint8)
-        valid = np.zeros((size, size), bool)
-        touched = False
-        for r in self.readers:
-            if not r.tile_exists(tile_x, tile_y, tile_z):
-                continue
-            touched = True
-            try:
-                img = r.tile(tile_x, tile_y, tile_z, tilesize=size)
-            except TileOutsideBounds:
-                continue
-            fill = ~valid & ~img.array.mask[0]
-            rgb[:, fill] = img.array.data[:, fill]
-            valid |= fill
-            if valid.all():
-                break
-        if not touched:
-            raise TileOutsideBounds(f"tile {tile_z}/{tile_x}/{tile_y} touches no served cell")
-        # A tile inside a cell's bounds but without a valid pixel (an edge) is a transparent
-        # tile, not an error: browsers log every 404.
-        bounds = tuple(self.tms.xy_bounds(Tile(x=tile_x, y=tile_y, z=tile_z)))
-        mask = np.broadcast_to(~valid, rgb.shape)
+        # compositor.mosaic joins the cells (clearsky export renders through it too). A tile
+        # inside a cell's bounds without a valid pixel (an edge) is a transparent tile, not an
+        # error: browsers log every 404.
+        tile = Tile(x=tile_x, y=tile_y, z=tile_z)
+        try:
+            r = render_tile(self.input, self.tms, tile, self.params, tilesize or 256)
+        except OutsideCells as exc:
+            raise TileOutsideBounds(str(exc)) from None
+        timing.record(r.timings)
+        mask = np.broadcast_to(~r.valid, r.rgb.shape)
         return ImageData(
-            np.ma.MaskedArray(rgb, mask=mask),
-            bounds=bounds,
+            np.ma.MaskedArray(r.rgb, mask=mask),
+            bounds=tuple(self.tms.xy_bounds(tile)),
             crs=self.tms.rasterio_crs,
             band_names=["red", "green", "blue"],
         )
