@@ -106,6 +106,13 @@ BAD = [
     (["batch", "--out-dir", "/proc/clearsky"], "cannot be written"),
     (["batch", "--workers", "0"], "--workers"),
     (["batch", "--mask", "foo"], "mask must be one of"),
+    # export (test_export.py has more)
+    (["export", "54SUE", "--out", "o"], "54SUE"),
+    (["export", "49NDB", "--out", "o", "--maxzoom", "19"], "18"),
+    (["export", "--bbox", "1,2,3", "--out", "o"], "--bbox must be W,S,E,N"),
+    (["export", "49NDB", "--out", "o", "--scheduler", "nowhere"], "--scheduler must be an address"),
+    (["export", "49NDB", "--out", "o", "--percentile", "101"], "percentile"),
+    (["export", "49NDB", "--out", "o", "--temporal", "maybe"], "temporal"),
     # the group itself
     (["nosuchcommand"], "No such command"),
     (["cells", "--verbose", "--quiet"], "exclude each other"),
@@ -120,7 +127,7 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], fragment: str, data, 
         extra = ["--stac-url", NOWHERE] if "--stac-url" not in args else []
     if cmd in ("prefetch",) and "--data" not in args:
         extra += ["--data", str(tmp_path / "d")]
-    if cmd in ("mask", "composite", "batch", "cells") and "--data" not in args:
+    if cmd in ("mask", "composite", "batch", "cells", "export") and "--data" not in args:
         extra += data
     os.chdir(tmp_path)  # relative outputs (x.tif) land here, if anything were written
     r = run(*args, *extra)
