@@ -469,7 +469,7 @@ def train(
         typer.Option(
             min=0, max=1, help="Share of patches that are clear surfaces with simulated skies"
         ),
-    ] = 0.7,
+    ] = 0.6,
     scl_share: Annotated[
         float,
         typer.Option(min=0, max=1, help="Among labelled patches, the share labelled by SCL"),

@@ -18,8 +18,8 @@ the real one, not one landscape's. Physics, per band b (B02, B03, B04, B08):
   transmittance), and smooth haze. Haze is *clear*: it is spatially smooth, clouds are not.
 - Sensor: blur (MTF), noise, gaps of no data (label ignore).
 
-Labels: cloud where the cloud adds >= 0.035 reflectance (what an analyst sees as thin cloud) or
-its optical thickness is >= 1;
+Labels: cloud where the cloud adds >= 0.05 reflectance (what an analyst sees as thin cloud) or
+its optical thickness (taken over ~150 m) is >= 1.5;
 shadow where the ground gets less than 60 % of its light (NIR) and no cloud is seen; else clear.
 Everything is batched torch and runs on CPU or GPU, deterministic for a given generator.
 """
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from compositor.masks.scl import CLEAR, CLOUD, IGNORE, SHADOW
 
 WAVELENGTH_UM = (0.492, 0.560, 0.665, 0.833)  # B02, B03, B04, B08 centres
-CLOUD_LABEL_REFLECTANCE = 0.035  # cloud visible above this added reflectance (blue)
+CLOUD_LABEL_REFLECTANCE = 0.05  # cloud clearly visible above this added reflectance (blue)
+CLOUD_LABEL_TAU = 1.5  # or optically this thick (tau), taken over ~150 m as an analyst outlines
 SHADOW_LABEL_LIGHT = 0.6  # shadow where the ground gets less than this of its light (in NIR)
 TWO_STREAM_A = 0.14  # 1 - asymmetry factor g (water cloud, g ~ 0.86)
 
@@ -204,7 +205,7 @@ def render(
     texture = fractal_noise(g, n, canvas, tex_scale, _u(g, n, 2.4, 3.6, dev), device=dev)
     sigma = _loguniform(g, n, 0.08, 0.9, dev).view(n, 1, 1)  # real decks are often smooth
     tau_mean = torch.where(
-        is_thin, _loguniform(g, n, 0.5, 4.0, dev), _loguniform(g, n, 2.0, 40.0, dev)
+        is_thin, _loguniform(g, n, 0.8, 5.0, dev), _loguniform(g, n, 2.0, 40.0, dev)
     )
     tau_max = tau_mean * 3
     tau_thick = tau_mean.view(n, 1, 1) * inside * torch.exp(sigma * texture - sigma**2 / 2)
@@ -308,9 +309,10 @@ def render(
     obs = rcs + tr * tr * seen / (1 - rcs * ground).clamp(min=0.05)
 
     # --- labels (before atmosphere and sensor: they are properties of the scene)
-    # Cloud where it shows (adds >= 0.035) or is optically thick enough to matter (tau >= 1,
-    # ~6 % brighter in reflectance even on a dark day).
-    is_cloud = (rcs[:, 0] >= CLOUD_LABEL_REFLECTANCE) | (tau >= 1.0)
+    # Cloud where it clearly shows, or where it is optically thick: taken over ~150 m, so the
+    # thin troughs inside a deck and the narrowest gaps are cloud, as an analyst outlines it.
+    tau_lab = torch.maximum(tau, _fft_blur(tau, (150.0 / px).clamp(min=0.3)))
+    is_cloud = (rcs[:, 0] >= CLOUD_LABEL_REFLECTANCE) | (tau_lab >= CLOUD_LABEL_TAU)
     is_shadow = (irr[:, -1] < SHADOW_LABEL_LIGHT) & ~is_cloud
     labels = torch.full((n, p, p), CLEAR, dtype=torch.int64, device=dev)
     labels[is_shadow] = SHADOW
@@ -337,9 +339,13 @@ def render(
     x = obs * gain.view(n, nb, 1, 1) + path.view(n, nb, 1, 1)
     hazy = torch.rand(n, generator=g, device=dev) < cfg.haze
     if bool(hazy.any()):
-        hz = fractal_noise(g, n, p, torch.full((n,), 4.0 * p, device=dev), 3.5, device=dev)
-        amt = _loguniform(g, n, 0.01, 0.06, dev).view(n, 1, 1) * (1 + 0.3 * hz).clamp(min=0)
-        hz_spec = (lam / lam[0, 0]) ** -_u(g, n, 1.0, 2.2, dev).view(n, 1)
+        # Haze and smoke: smooth over kilometres, bluish; clear for an analyst (it is not a
+        # cloud one could mask out of a look: the surface stays readable).
+        hz_scale = (_loguniform(g, n, 1000, 10000, dev) / px).clamp(2.0, 4.0 * p)
+        hz = fractal_noise(g, n, p, hz_scale, 3.5, device=dev)
+        amp = _u(g, n, 0.2, 0.6, dev).view(n, 1, 1)
+        amt = _loguniform(g, n, 0.01, 0.07, dev).view(n, 1, 1) * (1 + amp * hz).clamp(min=0)
+        hz_spec = (lam / lam[0, 0]) ** -_u(g, n, 0.7, 2.2, dev).view(n, 1)
         haze = amt.unsqueeze(1) * hz_spec.view(n, nb, 1, 1) * hazy.view(n, 1, 1, 1)
         x = x * (1 - 0.6 * haze) + haze
 

@@ -57,7 +57,7 @@ class TrainConfig:
     warmup: int = 100
     levels: tuple[int, ...] = (0, 1, 2)  # labelled stacks: levels sampled (10, 20, 40 m)
     level_weights: tuple[float, ...] = (0.3, 0.5, 0.2)
-    sim_share: float = 0.7  # share of patches from clear surfaces with simulated skies
+    sim_share: float = 0.6  # share of patches from clear surfaces with simulated skies
     # Sampling share of the surface groups (renormalised over the groups present).
     real_share: float = 0.35
     procedural_share: float = 0.45
