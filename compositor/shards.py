@@ -1,0 +1,234 @@
+"""Reading the scene shards of a local Stack with ``pread``, checked against the file as it is.
+
+A shard (Zarr v3 sharding, index at the end) holds one scene at one level as uncompressed
+256 x 256 inner chunks, so a chunk is a fixed-size run of bytes at an offset the index gives.
+The window a tile needs is read with one ``pread`` per chunk and band (the rows it needs) into a
+small buffer, then copied out column-wise, all in one compiled call per scene.
+
+Why not a memory map: a mapped file that shrinks while the server runs (truncated by another
+process, a failing disk) kills the whole process with SIGBUS at the next touch of a lost page.
+``pread`` just returns fewer bytes: the scene is reported damaged and left out instead. The
+index is read through ``pread`` too and checked (its CRC32C, every entry whole and inside the
+file), so a damaged file never makes the compiled reader touch memory it does not own.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_ABSENT = 2**64 - 1  # index entry of a chunk never written (Zarr v3 sharding)
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # a FIFO never blocks
+
+
+class ShardDamaged(Exception):
+    """A shard that cannot be read whole; ``str()`` says why, without the absolute path."""
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """A shard's index, valid while the file keeps its inode, size and mtime."""
+
+    ino: int
+    size: int
+    mtime_ns: int
+    offsets: np.ndarray  # int64 (gy, gx): byte offset of each inner chunk, -1 = never written
+
+
+@intrinsic
+def _pread(typingctx, fd, addr, count, offset):
+    """``pread(fd, (void *) addr, count, offset)`` from libc, called from compiled code (by
+    symbol, so the compiled function stays cacheable)."""
+    if not all(isinstance(a, types.Integer) for a in (fd, addr, count, offset)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(i64, [ir.IntType(32), ir.IntType(8).as_pointer(), i64, i64])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "pread")
+        a = [context.cast(builder, v, t, types.int64) for v, t in zip(args, sig.args, strict=True)]
+        return builder.call(
+            fn,
+            [
+                builder.trunc(a[0], ir.IntType(32)),
+                builder.inttoptr(a[1], ir.IntType(8).as_pointer()),
+                a[2],
+                a[3],
+            ],
+        )
+
+    return types.int64(fd, addr, count, offset), codegen
+
+
+@njit(cache=True, nogil=True)
+def _read_scene(fd, offs, planes, chunk, box, fill, dst, scratch):  # pragma: no cover - compiled
+    """Window ``box`` (rows rr0:rr1, cols cc0:cc1) of one scene shard into dst (B', h, w).
+
+    ``offs`` (gy, gx): byte offset of each inner chunk (-1: never written, filled with
+    ``fill``); ``planes``: the leading-axis planes to copy; ``scratch``: chunk * chunk elements.
+    Returns False as soon as the file gives fewer bytes than the index promised."""
+    rr0, rr1, cc0, cc1 = box
+    size = dst.itemsize
+    plane = chunk * chunk * size
+    buf = scratch.ctypes.data
+    for cy in range(rr0 // chunk, (rr1 - 1) // chunk + 1):
+        y0, y1 = max(rr0, cy * chunk), min(rr1, (cy + 1) * chunk)
+        for cx in range(cc0 // chunk, (cc1 - 1) // chunk + 1):
+            x0, x1 = max(cc0, cx * chunk), min(cc1, (cx + 1) * chunk)
+            off = offs[cy, cx]
+            if off < 0:
+                dst[:, y0 - rr0 : y1 - rr0, x0 - cc0 : x1 - cc0] = fill
+                continue
+            n = (y1 - y0) * chunk * size
+            for j in range(planes.shape[0]):
+                start = off + planes[j] * plane + (y0 - cy * chunk) * chunk * size
+                done = 0
+                while done < n:
+                    got = _pread(fd, buf + done, n - done, start + done)
+                    if got <= 0:
+                        return False
+                    done += got
+                for y in range(y0, y1):
+                    s0 = (y - y0) * chunk + x0 - cx * chunk
+                    dst[j, y - rr0, x0 - cc0 : x1 - cc0] = scratch[s0 : s0 + x1 - x0]
+    return True
+
+
+def _open(path: str) -> tuple[int, os.stat_result]:
+    """An open descriptor of a regular file and its stat, or ShardDamaged."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise ShardDamaged("missing") from None
+    except OSError as exc:
+        raise ShardDamaged(f"cannot be opened ({exc.strerror or exc})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ShardDamaged("is not a regular file")
+    return fd, st
+
+
+def read_index(fd: int, st: os.stat_result, grid: tuple[int, int], chunk_nbytes: int) -> ShardIndex:
+    """The shard's chunk offsets, checked: CRC32C of the index, every written chunk whole
+    (``chunk_nbytes``) and inside the file. Raises ShardDamaged."""
+    n = grid[0] * grid[1]
+    nidx = 16 * n + 4
+    if st.st_size < nidx:
+        raise ShardDamaged(f"is truncated ({st.st_size} bytes, the index alone is {nidx})")
+    raw = os.pread(fd, nidx, st.st_size - nidx)
+    if len(raw) != nidx:
+        raise ShardDamaged("is truncated (its index cannot be read)")
+    if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+        raise ShardDamaged("has a corrupt index (checksum mismatch)")
+    index = np.frombuffer(raw[:-4], dtype="<u8").reshape(*grid, 2)
+    absent = (index[..., 0] == _ABSENT) & (index[..., 1] == _ABSENT)
+    whole = (index[..., 1] == chunk_nbytes) & (index[..., 0] + chunk_nbytes <= st.st_size - nidx)
+    if not np.all(absent | whole):
+        raise ShardDamaged("has index entries outside the file or of the wrong size")
+    offs = np.where(absent, -1, index[..., 0].astype(np.int64))
+    return ShardIndex(st.st_ino, st.st_size, st.st_mtime_ns, np.ascontiguousarray(offs))
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """What the reader needs to know of one array at one level."""
+
+    name: str
+    level: int
+    lead: tuple[int, ...]  # leading axes between time and (y, x): (bands,), (2,) or ()
+    dtype: np.dtype
+    fill: int
+    grid: tuple[int, int]  # inner chunks per shard (rows, cols)
+    chunk: int
+
+    @property
+    def planes(self) -> int:
+        return int(np.prod(self.lead, dtype=np.int64))
+
+    @property
+    def chunk_nbytes(self) -> int:
+        return self.planes * self.chunk * self.chunk * self.dtype.itemsize
+
+
+class ShardReader:
+    """Reads windows of scene shards under ``root`` (``L{level}/{name}/c/{t}/0/...``)."""
+
+    def __init__(self, root: Path):
+        self._root = str(root)
+        self._index: dict[str, ShardIndex] = {}
+
+    def relpath(self, a: ArrayLayout, t: int) -> str:
+        return "/".join([f"L{a.level}", a.name, "c", str(t), *["0"] * (len(a.lead) + 2)])
+
+    def _index_of(self, fd: int, st: os.stat_result, a: ArrayLayout, rel: str) -> ShardIndex:
+        hit = self._index.get(rel)
+        if hit is not None and (hit.ino, hit.size, hit.mtime_ns) == (
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+        ):
+            return hit
+        idx = read_index(fd, st, a.grid, a.chunk_nbytes)
+        self._index[rel] = idx
+        return idx
+
+    def check(self, a: ArrayLayout, t: int) -> None:
+        """Raise ShardDamaged unless scene t's shard of ``a`` is readable and whole."""
+        rel = self.relpath(a, t)
+        fd, st = _open(os.path.join(self._root, rel))
+        try:
+            self._index_of(fd, st, a, rel)
+        finally:
+            os.close(fd)
+
+    def exists(self, a: ArrayLayout, t: int) -> bool:
+        return os.path.lexists(os.path.join(self._root, self.relpath(a, t)))
+
+    def read(
+        self,
+        a: ArrayLayout,
+        indices: np.ndarray,
+        planes: np.ndarray,
+        box: tuple[int, int, int, int],
+        dst: np.ndarray,
+        must_exist: Callable[[int], bool] = lambda t: True,
+    ) -> dict[int, str]:
+        """Window ``box`` (rr0, rr1, cc0, cc1) of scenes ``indices`` into dst (T, P, h, w).
+
+        A scene whose shard cannot be read whole is filled with the fill value (so it counts as
+        no data) and returned in {t: reason}; a missing shard of a scene for which
+        ``must_exist(t)`` is False is just unwritten (fill), not damage."""
+        scratch = np.empty(a.chunk * a.chunk, dst.dtype)
+        fill = dst.dtype.type(a.fill)
+        bad: dict[int, str] = {}
+        for k, t in enumerate(indices.tolist()):
+            rel = self.relpath(a, t)
+            try:
+                fd, st = _open(os.path.join(self._root, rel))
+            except ShardDamaged as exc:
+                dst[k] = fill
+                if str(exc) != "missing" or must_exist(t):
+                    bad[t] = f"{rel} {exc}"
+                continue
+            try:
+                idx = self._index_of(fd, st, a, rel)
+                if not _read_scene(fd, idx.offsets, planes, a.chunk, box, fill, dst[k], scratch):
+                    raise ShardDamaged("is shorter than its index says (truncated while in use?)")
+            except ShardDamaged as exc:
+                dst[k] = fill
+                self._index.pop(rel, None)
+                bad[t] = f"{rel} {exc}"
+            finally:
+                os.close(fd)
+        return bad
