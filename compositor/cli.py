@@ -83,8 +83,6 @@ def serve(
     ] = 1,
 ) -> None:
     """Serve tiles of every stack in the data directory (and the viewer at /)."""
-    import uvicorn
-
     from compositor.demo import default_data_dir
 
     _setup_logging()
@@ -92,8 +90,10 @@ def serve(
     if not data_dir.is_dir():
         _fail(f"data directory {data_dir} does not exist (run `clearsky demo` first?)")
     os.environ["CLEARSKY_DATA_DIR"] = str(data_dir)
-    typer.echo(f"ClearSky viewer: http://{host}:{port}/  (data: {data_dir})")
-    uvicorn.run("tileserver.main:app", host=host, port=port, workers=workers, log_level="info")
+    from tileserver.http import run
+
+    typer.echo(f"ClearSky: starting on {host}:{port} (data: {data_dir}); URL once it is ready")
+    run(host, port, workers)
 
 
 @app.command()

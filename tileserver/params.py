@@ -1,4 +1,7 @@
-"""Query parameters of tile requests -> ViewParams, with 422s that name the bad parameter."""
+"""Query parameters of tile requests -> ViewParams, with 422s that name the bad parameter.
+
+Every 422 has FastAPI's validation-error shape (``detail``: a list of ``{loc, msg, type}``), as
+the OpenAPI document says, whether the check is a declared bound or one made here."""
 
 from __future__ import annotations
 
@@ -6,15 +9,35 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import HTTPException, Query
+from fastapi import Query, Request
+from fastapi.exceptions import RequestValidationError
 from titiler.core.dependencies import DefaultDependency
 
 from compositor.render import DEFAULT_GAMMA, DEFAULT_RESCALE
 from compositor.tiling import ViewParams
 
+# Limits on what one request may ask for (README, "Limits").
+MIN_TILESIZE, MAX_TILESIZE = 64, 512  # a 512 px tile of 100 scenes reads ~160 MB of looks
+MAX_QUERY_BYTES = 2048
 
-def _bad(param: str, msg: str) -> HTTPException:
-    return HTTPException(status_code=422, detail=f"invalid '{param}': {msg}")
+
+def invalid(loc: tuple[str, ...], msg: str, value: object = None) -> RequestValidationError:
+    """A 422 naming the parameter at ``loc`` (e.g. ("query", "months")), in FastAPI's shape."""
+    return RequestValidationError(
+        [{"type": "value_error", "loc": loc, "msg": f"{loc[-1]}: {msg}", "input": value}]
+    )
+
+
+def _bad(param: str, msg: str) -> RequestValidationError:
+    return invalid(("query", param), msg)
+
+
+def single_values(request: Request) -> None:
+    """A parameter given twice is ambiguous (which one is the tile?): 422 naming it."""
+    q = request.query_params
+    if len(q) != len(set(q.keys())):
+        twice = sorted({k for k in q.keys() if len(q.getlist(k)) > 1})
+        raise invalid(("query", twice[0]), "given more than once; give it once")
 
 
 def parse_months(value: str | None) -> tuple[int, ...] | None:
