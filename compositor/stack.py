@@ -197,6 +197,8 @@ class Stack:
         path = Path(path)
         if not (path / "zarr.json").exists():
             raise StackError(f"no stack at {path}")
+        if not (path / "zarr.json").is_file():  # a FIFO or a folder: reading it would hang/fail
+            raise StackError(f"stack {path} is malformed: zarr.json is not a regular file")
         try:
             group = zarr.open_group(str(path), mode=mode, zarr_format=3)
             return cls(path, group)
@@ -526,7 +528,7 @@ class Stack:
                     except Exception as exc:  # a damaged DEM chunk: no relief there, not a 500
                         chunk = np.full((ch, cw), np.nan, np.float32)
                         with self._lock:
-                            msg = f"DEM chunk L{level} ({cy}, {cx}) unreadable: {type(exc).__name__}"
+                            msg = f"DEM chunk L{level} {cy},{cx} unreadable: {type(exc).__name__}"
                             if msg not in self.warnings:
                                 self.warnings.append(msg)
                                 log.warning("cell %s: %s", self.cell_id, msg)

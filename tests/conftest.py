@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -50,12 +51,13 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.fixture(scope="session")
-def server(demo_dir: Path) -> Iterator[str]:
-    """`clearsky serve` as a real process on 127.0.0.1; yields its base URL."""
+@contextmanager
+def running_server(data_dir: Path, log_path: Path, **env: str) -> Iterator[str]:
+    """`clearsky serve` as a real process on 127.0.0.1 over ``data_dir`` (extra CLEARSKY_*
+    settings in ``env``), its output in ``log_path``; yields its base URL, stops it after."""
     port = free_port()
-    env = {**os.environ, "CLEARSKY_DATA_DIR": str(demo_dir)}
-    log = open(demo_dir / f"server-{port}.log", "w")  # a file, not a pipe nobody drains
+    full_env = {**os.environ, "CLEARSKY_DATA_DIR": str(data_dir), **env}
+    log = open(log_path, "w")  # a file, not a pipe nobody drains
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -67,9 +69,9 @@ def server(demo_dir: Path) -> Iterator[str]:
             "--port",
             str(port),
             "--data",
-            str(demo_dir),
+            str(data_dir),
         ],
-        env=env,
+        env=full_env,
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
@@ -77,22 +79,31 @@ def server(demo_dir: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     # First start in a fresh checkout compiles the numba kernels (warm-up) before serving.
     deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(demo_dir / log.name).read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("server did not start within 300 s")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start within 300 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def server(demo_dir: Path) -> Iterator[str]:
+    """`clearsky serve` as a real process on 127.0.0.1; yields its base URL."""
+    with running_server(demo_dir, demo_dir / "server.log") as url:
+        yield url

@@ -341,8 +341,6 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
     retain_freed_memory()  # tiles reuse freed buffers instead of faulting fresh pages in
     MASK_CACHE.resize(settings.mask_cache_mb * 2**20)
     app.state.registry = Registry(settings.data_dir)
-    for w in app.state.registry.warnings:
-        log.warning("%s", w)
     log.info(
         "serving %d cells from %s: %s",
         len(app.state.registry.ids()),

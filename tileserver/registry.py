@@ -45,6 +45,7 @@ class Registry:
         self.warnings: list[str] = []  # cells not served, and why (for /health)
         self._lock = threading.Lock()
         self._scanned = 0.0
+        self._logged: set[str] = set()  # each problem is logged once, not at every rescan
         self.refresh()
 
     def _candidates(self) -> dict[str, list[Path]]:
@@ -80,8 +81,7 @@ class Registry:
                 st.verify()
             except StackError as exc:
                 why = str(exc).replace(str(path), path.name)
-                warnings.append(f"cell {cid} not served: {why}")
-                log.warning("cell %s not served: %s", cid, why)
+                self._report(warnings, logging.WARNING, f"cell {cid} not served: {why}")
                 continue
             if st.cell_id.upper() != cid:
                 log.warning("cell %s: the store %s says it is cell %s", cid, path.name, st.cell_id)
@@ -90,8 +90,13 @@ class Registry:
             self._stacks, self._stamps, self.warnings = found, stamps, warnings
             self._scanned = time.monotonic()
 
-    @staticmethod
-    def _pick(cid: str, paths: list[Path], warnings: list[str]) -> Path | None:
+    def _report(self, warnings: list[str], level: int, msg: str, hint: str = "") -> None:
+        warnings.append(msg)
+        if msg not in self._logged:
+            self._logged.add(msg)
+            log.log(level, "%s%s", msg, hint)
+
+    def _pick(self, cid: str, paths: list[Path], warnings: list[str]) -> Path | None:
         if len(paths) == 1:
             return paths[0]
         names = ", ".join(p.name for p in paths)
@@ -102,8 +107,7 @@ class Registry:
             msg = (
                 f"cell {cid} not served: {len(paths)} folders name it ({names}), none is {cid}.zarr"
             )
-        log.error("%s; rename or remove the others", msg)
-        warnings.append(msg)
+        self._report(warnings, logging.ERROR, msg, "; rename or remove the others")
         return exact[0] if exact else None
 
     def ids(self) -> list[str]:
