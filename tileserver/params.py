@@ -34,9 +34,9 @@ def _bad(param: str, msg: str) -> RequestValidationError:
 
 def single_values(request: Request) -> None:
     """A parameter given twice is ambiguous (which one is the tile?): 422 naming it."""
-    q = request.query_params
-    if len(q) != len(set(q.keys())):
-        twice = sorted({k for k in q.keys() if len(q.getlist(k)) > 1})
+    keys = [k for k, _ in request.query_params.multi_items()]
+    if len(keys) != len(set(keys)):
+        twice = sorted({k for k in keys if keys.count(k) > 1})
         raise invalid(("query", twice[0]), "given more than once; give it once")
 
 
