@@ -154,6 +154,22 @@ class StackTilerFactory(TilerFactory):
         self.tile()
         self.tilejson()
 
+    def info(self) -> None:
+        """The stack's info (bounds, CRS, bands, levels). Our own route: titiler's declares a
+        response model whose OpenAPI schema is not valid OpenAPI 3.1 (tuple items)."""
+        factory = self
+
+        @self.router.get(
+            "/info",
+            response_class=JSONResponse,
+            operation_id=f"{self.operation_prefix}getInfo",
+            responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}},
+        )
+        def info(src=Depends(self.path_dependency)) -> JSONResponse:  # noqa: B008
+            """Stack info: bounds, CRS, bands, data type, size, overview factors."""
+            with factory.reader(src) as r:
+                return JSONResponse(r.info().model_dump(mode="json", exclude_none=True))
+
     def tile(self) -> None:
         factory = self
         kind = self.name or "cell"
@@ -335,7 +351,10 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
         title="ClearSky",
         description="Cloud-free Sentinel-2 tiles composited on demand. " + ATTRIBUTION + ".",
         version="0.1.0",
-        responses={422: {"description": "A parameter is invalid; `detail` names it."}},
+        responses={
+            414: {"description": "Query string too long.", **ERROR_MODEL},
+            422: {"description": "A parameter is invalid; `detail` names it."},
+        },
     )
     app.state.settings = settings
     retain_freed_memory()  # tiles reuse freed buffers instead of faulting fresh pages in
