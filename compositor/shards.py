@@ -2,8 +2,8 @@
 
 A shard (Zarr v3 sharding, index at the end) holds one scene at one level as uncompressed
 256 x 256 inner chunks, so a chunk is a fixed-size run of bytes at an offset the index gives.
-The window a tile needs is read with one ``pread`` per chunk and band (the rows it needs) into a
-small buffer, then copied out column-wise, all in one compiled call per scene.
+The window a tile needs is read with one ``preadv`` per chunk and band (the rows it needs, each
+row's wanted columns straight into the output), in one compiled call per scene.
 
 Why not a memory map: a mapped file that shrinks while the server runs (truncated by another
 process, a failing disk) kills the whole process with SIGBUS at the next touch of a lost page.
@@ -46,41 +46,45 @@ class ShardIndex:
 
 
 @intrinsic
-def _pread(typingctx, fd, addr, count, offset):
-    """``pread(fd, (void *) addr, count, offset)`` from libc, called from compiled code (by
-    symbol, so the compiled function stays cacheable)."""
-    if not all(isinstance(a, types.Integer) for a in (fd, addr, count, offset)):
+def _preadv(typingctx, fd, iov, count, offset):
+    """``preadv(fd, (struct iovec *) iov, count, offset)`` from libc (iov: the address of
+    ``count`` (base, length) int64 pairs)."""
+    if not all(isinstance(a, types.Integer) for a in (fd, iov, count, offset)):
         return None
 
     def codegen(context, builder, sig, args):
-        i64 = ir.IntType(64)
-        fnty = ir.FunctionType(i64, [ir.IntType(32), ir.IntType(8).as_pointer(), i64, i64])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "pread")
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        fnty = ir.FunctionType(i64, [i32, ir.IntType(8).as_pointer(), i32, i64])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "preadv")
         a = [context.cast(builder, v, t, types.int64) for v, t in zip(args, sig.args, strict=True)]
         return builder.call(
             fn,
             [
-                builder.trunc(a[0], ir.IntType(32)),
+                builder.trunc(a[0], i32),
                 builder.inttoptr(a[1], ir.IntType(8).as_pointer()),
-                a[2],
+                builder.trunc(a[2], i32),
                 a[3],
             ],
         )
 
-    return types.int64(fd, addr, count, offset), codegen
+    return types.int64(fd, iov, count, offset), codegen
 
 
 @njit(cache=True, nogil=True)
-def _read_scene(fd, offs, planes, chunk, box, fill, dst, scratch):  # pragma: no cover - compiled
+def _read_scene(fd, offs, planes, chunk, box, fill, dst, scratch, iov):  # pragma: no cover
     """Window ``box`` (rows rr0:rr1, cols cc0:cc1) of one scene shard into dst (B', h, w).
 
     ``offs`` (gy, gx): byte offset of each inner chunk (-1: never written, filled with
-    ``fill``); ``planes``: the leading-axis planes to copy; ``scratch``: chunk * chunk elements.
-    Returns False as soon as the file gives fewer bytes than the index promised."""
+    ``fill``); ``planes``: the leading-axis planes to copy. One preadv per chunk plane: the
+    wanted columns of each row go straight into dst, the others into ``scratch`` (one chunk
+    row, stays in cache); ``iov``: room for 3 x chunk (base, length) pairs. Returns False as
+    soon as the file gives fewer bytes than the index promised."""
     rr0, rr1, cc0, cc1 = box
     size = dst.itemsize
     plane = chunk * chunk * size
-    buf = scratch.ctypes.data
+    h, w = dst.shape[1], dst.shape[2]
+    base = dst.ctypes.data
+    junk = scratch.ctypes.data
     for cy in range(rr0 // chunk, (rr1 - 1) // chunk + 1):
         y0, y1 = max(rr0, cy * chunk), min(rr1, (cy + 1) * chunk)
         for cx in range(cc0 // chunk, (cc1 - 1) // chunk + 1):
@@ -89,18 +93,27 @@ def _read_scene(fd, offs, planes, chunk, box, fill, dst, scratch):  # pragma: no
             if off < 0:
                 dst[:, y0 - rr0 : y1 - rr0, x0 - cc0 : x1 - cc0] = fill
                 continue
+            left = (x0 - cx * chunk) * size
+            want = (x1 - x0) * size
+            right = chunk * size - left - want
             n = (y1 - y0) * chunk * size
             for j in range(planes.shape[0]):
-                start = off + planes[j] * plane + (y0 - cy * chunk) * chunk * size
-                done = 0
-                while done < n:
-                    got = _pread(fd, buf + done, n - done, start + done)
-                    if got <= 0:
-                        return False
-                    done += got
+                k = 0
                 for y in range(y0, y1):
-                    s0 = (y - y0) * chunk + x0 - cx * chunk
-                    dst[j, y - rr0, x0 - cc0 : x1 - cc0] = scratch[s0 : s0 + x1 - x0]
+                    if left > 0:
+                        iov[k, 0] = junk
+                        iov[k, 1] = left
+                        k += 1
+                    iov[k, 0] = base + ((j * h + y - rr0) * w + x0 - cc0) * size
+                    iov[k, 1] = want
+                    k += 1
+                    if right > 0:
+                        iov[k, 0] = junk
+                        iov[k, 1] = right
+                        k += 1
+                start = off + planes[j] * plane + (y0 - cy * chunk) * chunk * size
+                if _preadv(fd, iov.ctypes.data, k, start) != n:
+                    return False
     return True
 
 
@@ -209,7 +222,14 @@ class ShardReader:
         A scene whose shard cannot be read whole is filled with the fill value (so it counts as
         no data) and returned in {t: reason}; a missing shard of a scene for which
         ``must_exist(t)`` is False is just unwritten (fill), not damage."""
-        scratch = np.empty(a.chunk * a.chunk, dst.dtype)
+        if not dst.flags.c_contiguous or dst.shape[1:] != (
+            len(planes),
+            box[1] - box[0],
+            box[3] - box[2],
+        ):
+            raise ValueError("dst must be a C-contiguous (T, planes, h, w) array")  # raw writes
+        scratch = np.empty(a.chunk, dst.dtype)
+        iov = np.empty((3 * a.chunk, 2), np.int64)
         fill = dst.dtype.type(a.fill)
         bad: dict[int, str] = {}
         for k, t in enumerate(indices.tolist()):
@@ -223,7 +243,8 @@ class ShardReader:
                 continue
             try:
                 idx = self._index_of(fd, st, a, rel)
-                if not _read_scene(fd, idx.offsets, planes, a.chunk, box, fill, dst[k], scratch):
+                ok = _read_scene(fd, idx.offsets, planes, a.chunk, box, fill, dst[k], scratch, iov)
+                if not ok:
                     raise ShardDamaged("is shorter than its index says (truncated while in use?)")
             except ShardDamaged as exc:
                 dst[k] = fill
