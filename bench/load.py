@@ -199,8 +199,8 @@ def main() -> None:
         "metrics": metrics,
     }
     print(
-        f"\n{args.clients} clients x {args.rounds} rounds of {args.seconds:.0f} s, mixed tiles over "
-        f"a 100-scene 2048 x 2048 stack; server settings {settings}"
+        f"\n{args.clients} clients x {args.rounds} rounds of {args.seconds:.0f} s, mixed tiles "
+        f"over a 100-scene 2048 x 2048 stack; server settings {settings}"
     )
     print(
         f"{'round':>5} {'requests':>8} {'errors':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
