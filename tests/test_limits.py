@@ -4,7 +4,10 @@ cannot grow, connections that cannot be held open, and load shed with 503 + Retr
 from __future__ import annotations
 
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -199,3 +202,28 @@ def test_overload_is_shed_with_503_and_health_answers(strict_server):
     assert int(busy.headers["retry-after"]) >= 1 and "retry" in busy.json()["detail"]
     assert health and set(health) == {200}
     assert _metrics(strict_server)["rejected_overload"] == codes.count(503)
+
+
+def test_url_is_printed_once_the_server_answers(demo_dir):
+    from conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "compositor.cli", "serve", "--port", str(port)],
+        env={**os.environ, "CLEARSKY_DATA_DIR": str(demo_dir)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        for line in proc.stdout:  # bounded by the test timeout
+            if line.startswith("ClearSky viewer:"):
+                assert line.split()[-1] == f"http://127.0.0.1:{port}/"
+                # printed only once it answers: the port is open now, no retry needed
+                assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+                break
+        else:
+            pytest.fail("the server exited without printing its URL")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
