@@ -23,7 +23,7 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -119,35 +119,40 @@ def _read_scene(fd, offs, planes, chunk, box, fill, dst, scratch, iov):  # pragm
     return True
 
 
-@njit(cache=True, nogil=True)
-def _read_chunks(fd, offs, planes, chunk, cy0, cx0, ry0, ry1, buf, addr, iov):  # pragma: no cover
-    """The chunks a window touches, rows ry0[i]:ry1[i] of chunk row i, into buf (gy, gx, P,
-    maxrows, chunk): one contiguous pread per chunk plane. addr (gy, gx) gets the address the
-    percentile kernel reads chunk (i, j) at (row r of the chunk is row r - ry0[i] of buf);
-    chunks outside the shard's grid or never written keep the address they had (zeros).
-    Returns False as soon as the file gives fewer bytes than the index promised."""
-    gy, gx = addr.shape
+@njit(cache=True, nogil=True, parallel=True)
+def _read_chunks(fds, offs, planes, chunk, ry0, ry1, buf, addr, ok):  # pragma: no cover
+    """For each scene k (in parallel: the copy out of the page cache is CPU work), the chunks a
+    window touches, rows ry0[i]:ry1[i] of chunk row i, into buf[k] (gy, gx, P, maxrows, chunk):
+    one contiguous pread per chunk plane. ``offs`` (T, gy, gx): byte offset of each chunk in
+    scene k's shard (-1: outside the grid or never written: its addr keeps pointing at zeros);
+    addr[k, i, j] gets where the percentile kernel reads chunk (i, j) (row r of the chunk is
+    row r - ry0[i] of buf). ok[k] is False where the file gave fewer bytes than its index
+    promised (then addr[k] is left for the caller to reset)."""
+    T, gy, gx = addr.shape
     size = buf.itemsize
     cplane = chunk * chunk * size  # a plane in the file
-    bplane = buf.shape[3] * chunk * size  # a plane in buf
-    for i in range(gy):
-        cy = cy0 + i
-        if cy < 0 or cy >= offs.shape[0]:
+    bplane = buf.shape[4] * chunk * size  # a plane in buf
+    for k in prange(T):
+        if fds[k] < 0:
             continue
-        n = (ry1[i] - ry0[i]) * chunk * size
-        for j in range(gx):
-            cx = cx0 + j
-            if cx < 0 or cx >= offs.shape[1] or offs[cy, cx] < 0:
-                continue
-            dst = buf[i, j].ctypes.data
-            for p in range(planes.shape[0]):
-                iov[0, 0] = dst + p * bplane
-                iov[0, 1] = n
-                start = offs[cy, cx] + planes[p] * cplane + ry0[i] * chunk * size
-                if _preadv(fd, iov.ctypes.data, 1, start) != n:
-                    return False
-            addr[i, j] = dst - ry0[i] * chunk * size
-    return True
+        iov = np.empty((1, 2), np.int64)
+        good = True
+        for i in range(gy):
+            n = (ry1[i] - ry0[i]) * chunk * size
+            for j in range(gx):
+                off = offs[k, i, j]
+                if off < 0 or not good:
+                    continue
+                dst = buf[k, i, j].ctypes.data
+                for p in range(planes.shape[0]):
+                    iov[0, 0] = dst + p * bplane
+                    iov[0, 1] = n
+                    start = off + planes[p] * cplane + ry0[i] * chunk * size
+                    if _preadv(fds[k], iov.ctypes.data, 1, start) != n:
+                        good = False
+                        break
+                addr[k, i, j] = dst - ry0[i] * chunk * size
+        ok[k] = good
 
 
 def _open(path: str) -> tuple[int, os.stat_result]:
@@ -252,9 +257,9 @@ class ShardReader:
     ) -> tuple[Source, dict[int, str]]:
         """The window (row, col, height, width) of scenes ``indices`` as the percentile kernel's
         input: the rows it needs of every chunk it touches, read with one contiguous pread per
-        chunk plane (a third of the time of gathering the window's columns), and the table of
-        where each chunk landed. Chunks outside the stack, never written or of a damaged scene
-        (returned in {t: reason}) point at zeros: no data."""
+        chunk plane (faster than gathering the window's columns), scenes in parallel, and the
+        table of where each chunk landed. Chunks outside the stack, never written or of a
+        damaged scene (returned in {t: reason}) point at zeros: no data."""
         c = a.chunk
         r0, c0, h, w = window
         cy0, cx0 = r0 // c, c0 // c  # floor: windows may start outside the stack
@@ -272,28 +277,45 @@ class ShardReader:
         zero_at = zeros.ctypes.data - ry0 * c * a.dtype.itemsize
         addr = np.empty((len(indices), gy, gx), np.uint64)
         addr[...] = zero_at.astype(np.uint64)[None, :, None]
-        iov = np.empty((1, 2), np.int64)
+        fds = np.full(len(indices), -1, np.int64)
+        offs = np.full((len(indices), gy, gx), -1, np.int64)
+        # the window's chunks that lie in the shard grid: table rows ys, cols xs
+        ys = slice(max(-cy0, 0), max(min(a.grid[0] - cy0, gy), 0))
+        xs = slice(max(-cx0, 0), max(min(a.grid[1] - cx0, gx), 0))
         bad: dict[int, str] = {}
-        for k, t in enumerate(indices.tolist()):
-            rel = self.relpath(a, t)
-            try:
-                fd, st = _open(os.path.join(self._root, rel))
-            except ShardDamaged as exc:
-                if str(exc) != "missing" or must_exist(t):
+        try:
+            for k, t in enumerate(indices.tolist()):
+                rel = self.relpath(a, t)
+                try:
+                    fd, st = _open(os.path.join(self._root, rel))
+                except ShardDamaged as exc:
+                    if str(exc) != "missing" or must_exist(t):
+                        bad[t] = f"{rel} {exc}"
+                    continue
+                fds[k] = fd
+                try:
+                    idx = self._index_of(fd, st, a, rel)
+                except ShardDamaged as exc:
                     bad[t] = f"{rel} {exc}"
-                continue
-            try:
-                idx = self._index_of(fd, st, a, rel)
-                if not _read_chunks(
-                    fd, idx.offsets, planes, c, cy0, cx0, ry0, ry1, buf[k], addr[k], iov
-                ):
-                    raise ShardDamaged("is shorter than its index says (truncated while in use?)")
-            except ShardDamaged as exc:
-                addr[k] = zero_at.astype(np.uint64)[:, None]
-                self._index.pop(rel, None)
-                bad[t] = f"{rel} {exc}"
-            finally:
-                os.close(fd)
+                    continue
+                offs[k, ys, xs] = idx.offsets[
+                    cy0 + ys.start : cy0 + ys.stop, cx0 + xs.start : cx0 + xs.stop
+                ]
+            for k in np.flatnonzero(fds >= 0):
+                if int(indices[k]) in bad:
+                    fds[k] = -fds[k] - 2  # opened but damaged: do not read (closed below)
+            ok = np.ones(len(indices), np.bool_)
+            _read_chunks(fds, offs, planes, c, ry0, ry1, buf, addr, ok)
+        finally:
+            for fd in fds.tolist():
+                if fd != -1:
+                    os.close(fd if fd >= 0 else -fd - 2)
+        for k in np.flatnonzero(~ok):
+            t = int(indices[k])
+            rel = self.relpath(a, t)
+            addr[k] = zero_at.astype(np.uint64)[:, None]
+            self._index.pop(rel, None)
+            bad[t] = f"{rel} is shorter than its index says (truncated while in use?)"
         src = Source(addr, (c, c), rows * c, (ry0[0], c0 - cx0 * c), np.arange(np_), h, w)
         return replace(src, keep=(buf, zeros)), bad
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -357,6 +358,9 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
         },
     )
     app.state.settings = settings
+    # Render threads run Python between kernels; a 1 ms GIL switch interval (not 5) lets the
+    # event loop answer /health and cached tiles promptly while they do.
+    sys.setswitchinterval(0.001)
     retain_freed_memory()  # tiles reuse freed buffers instead of faulting fresh pages in
     MASK_CACHE.resize(settings.mask_cache_mb * 2**20)
     app.state.registry = Registry(settings.data_dir)
