@@ -29,7 +29,7 @@ from titiler.core.factory import TilerFactory
 from titiler.core.resources.enums import ImageType
 from titiler.core.utils import render_image
 
-from compositor.alloc import retain_freed_memory
+from compositor.alloc import limit_arenas, retain_freed_memory
 from compositor.grid import transform_bounds_to_lonlat
 from compositor.render import encode_png
 from compositor.stack import Stack
@@ -47,7 +47,7 @@ from tileserver.params import (
 from tileserver.reader import CellsMosaicReader, StackReader
 from tileserver.registry import Registry, UnknownCell
 from tileserver.settings import Settings, get_settings
-from tileserver.tiles import RenderQueue, TileService
+from tileserver.tiles import RenderQueue, TileService, lower_thread_priority
 from tileserver.wmts import capabilities
 
 log = logging.getLogger("clearsky.tileserver")
@@ -293,6 +293,8 @@ def warm_up(registry: Registry) -> None:
     numba kernels compile (or load from their on-disk cache) here, not in a user's first
     tile. Kinds: the layers (composite, count, date, cloud), each mask method, the hillshade,
     native and coarse zooms (masks repeated 2 x 2 or not), every output format."""
+    # numba's worker threads start here and inherit this thread's priority: below the event loop
+    lower_thread_priority()
     stacks = registry.stacks()
     if not stacks:
         return
@@ -362,6 +364,7 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
     # event loop answer /health and cached tiles promptly while they do.
     sys.setswitchinterval(0.001)
     retain_freed_memory()  # tiles reuse freed buffers instead of faulting fresh pages in
+    limit_arenas(2)  # ... and the memory kept is what runs at once, not each thread's peak
     MASK_CACHE.resize(settings.mask_cache_mb * 2**20)
     app.state.registry = Registry(settings.data_dir)
     log.info(

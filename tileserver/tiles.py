@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -34,12 +35,27 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
+RENDER_NICE = 5  # render threads yield the CPU to the event loop (/health, cached tiles)
+
+
+def lower_thread_priority(by: int = RENDER_NICE) -> None:
+    """Lower the calling thread's scheduling priority (Linux: nice is per thread; threads it
+    starts, such as numba's TBB workers, inherit it). A no-op where that is not possible."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + by, 19))
+    except (AttributeError, OSError):
+        pass
+
+
 class RenderQueue:
     """At most ``threads`` renders at once and ``depth`` waiting; 503 past that."""
 
     def __init__(self, threads: int, depth: int):
         self.threads, self.depth = threads, depth
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="clearsky-render")
+        self._pool = ThreadPoolExecutor(
+            threads, thread_name_prefix="clearsky-render", initializer=lower_thread_priority
+        )
         self.pending = 0  # running + waiting; touched on the event loop only
         self._mean_s = 0.1  # moving mean of a render's duration, for Retry-After
 
