@@ -321,6 +321,7 @@ def warm_up(registry: Registry) -> None:
             ]
             if date is not None:
                 kinds += [
+                    (native, ViewParams(layer="date", date=date), None),
                     (native, ViewParams(layer="date", date=date, hillshade=0.5), None),
                     (native, ViewParams(layer="cloud", date=date), None),
                 ]

@@ -15,7 +15,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request, Response
@@ -124,6 +124,27 @@ def _guarded(render: Callable[[], tuple[bytes, str]]) -> Callable[[], tuple]:
     return job
 
 
+async def _unless_client_leaves(request: Request, work: Awaitable[tuple]) -> tuple | None:
+    """``await work``, or cancel it and return None if the client disconnects first: a tile
+    still waiting for a render thread is then never rendered (browsers drop the tiles a map
+    no longer shows by closing their connections)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if job.done():
+        return job.result()
+    job.cancel()
+    return None
+
+
 class TileService:
     def __init__(self, cache: TileCache, queue: RenderQueue):
         self.cache, self.queue = cache, queue
@@ -139,7 +160,10 @@ class TileService:
             stats.hits += 1
             return self._reply(hit, inm, b"cache;desc=hit")
         try:
-            status, body, media_type, stages, elapsed = await self.queue.run(_guarded(render))
+            out = await _unless_client_leaves(request, self.queue.run(_guarded(render)))
+            if out is None:  # the client went away (a map panned past the tile): nothing to send
+                return Response(status_code=499)
+            status, body, media_type, stages, elapsed = out
         except Overloaded as exc:
             stats.rejected += 1
             return JSONResponse(
