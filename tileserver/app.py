@@ -29,6 +29,7 @@ from titiler.core.factory import TilerFactory
 from titiler.core.resources.enums import ImageType
 from titiler.core.utils import render_image
 
+from compositor import sigbus
 from compositor.alloc import limit_arenas, retain_freed_memory
 from compositor.grid import transform_bounds_to_lonlat
 from compositor.render import encode_png
@@ -222,11 +223,14 @@ class StackTilerFactory(TilerFactory):
             )
 
             def render() -> tuple[bytes, str]:
-                for _ in range(2):  # once more if a scene was found damaged meanwhile
-                    before = sum(len(s.damaged) for s in stacks)
+                for _ in range(3):  # again if a scene was found damaged meanwhile
+                    before = sum(len(s.damaged) for s in stacks), sigbus.faults()
                     with factory.reader(src, tms=tms, params=view.view) as r:
                         image = r.tile(x, y, z, tilesize=tilesize)
-                    if sum(len(s.damaged) for s in stacks) == before:
+                    if sigbus.faults() != before[1]:  # a mapped shard shrank under the kernel
+                        for s in stacks:
+                            s.check_mapped()
+                    if sum(len(s.damaged) for s in stacks) == before[0]:
                         break
                 return render_tile(image, _media(format))
 
