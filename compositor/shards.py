@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import os
 import stat
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,34 @@ class Mapped:
     region: sigbus.Region  # registered with the SIGBUS guard while this object lives
 
 
+_READERS: weakref.WeakSet = weakref.WeakSet()
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def mapped_resident() -> int:
+    """Bytes of file-backed memory resident in this process (mapped shards, libraries)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[2]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def trim_mapped(limit_bytes: int) -> bool:
+    """If more than ``limit_bytes`` of mapped files are resident, let go of the shard pages:
+    they stay in the page cache (a later read faults them back in, cheaply) but leave this
+    process's RSS. True if it trimmed."""
+    if mapped_resident() <= limit_bytes:
+        return False
+    for r in list(_READERS):
+        for m in list(r._maps.values()):
+            try:
+                m.region.owner.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError, AttributeError):
+                pass
+    return True
+
+
 class ShardReader:
     """Reads windows of scene shards under ``root`` (``L{level}/{name}/c/{t}/0/...``)."""
 
@@ -151,6 +180,7 @@ class ShardReader:
         self._maps: dict[str, Mapped] = {}
         self._zeros: np.ndarray | None = None
         sigbus.install()
+        _READERS.add(self)
 
     def relpath(self, a: ArrayLayout, t: int) -> str:
         return "/".join([f"L{a.level}", a.name, "c", str(t), *["0"] * (len(a.lead) + 2)])

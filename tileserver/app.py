@@ -33,6 +33,7 @@ from compositor import sigbus
 from compositor.alloc import limit_arenas, retain_freed_memory
 from compositor.grid import transform_bounds_to_lonlat
 from compositor.render import encode_png
+from compositor.shards import trim_mapped
 from compositor.stack import Stack
 from compositor.tiling import MASK_CACHE, NoData, ViewParams
 from tileserver import timing
@@ -222,6 +223,8 @@ class StackTilerFactory(TilerFactory):
                 view.view,
             )
 
+            mapped_limit = request.app.state.settings.mapped_mb * 2**20
+
             def render() -> tuple[bytes, str]:
                 for _ in range(3):  # again if a scene was found damaged meanwhile
                     before = sum(len(s.damaged) for s in stacks), sigbus.faults()
@@ -232,6 +235,7 @@ class StackTilerFactory(TilerFactory):
                             s.check_mapped()
                     if sum(len(s.damaged) for s in stacks) == before[0]:
                         break
+                trim_mapped(mapped_limit)
                 return render_tile(image, _media(format))
 
             return await request.app.state.tiles.respond(request, key, render)
