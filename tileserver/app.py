@@ -296,7 +296,7 @@ def cell_summary(stack: Stack) -> dict:
 WARM_CELLS = 8  # cells whose shard indexes and first pages are read before serving
 
 
-def warm_up(registry: Registry) -> None:
+def warm_up(registry: Registry, mapped_limit: int = 512 * 2**20) -> None:
     """Render, before serving, a tile of every kind through the same path as a request: the
     numba kernels compile (or load from their on-disk cache) here, not in a user's first
     tile. Kinds: the layers (composite, count, date, cloud), each mask method, the hillshade,
@@ -343,6 +343,7 @@ def warm_up(registry: Registry) -> None:
                 pass
             except Exception:  # a damaged cell must not stop the server from starting
                 log.exception("warm-up tile of cell %s failed", st.cell_id)
+    trim_mapped(mapped_limit)
     log.info("%d warm-up tiles rendered in %.1f s", n, time.perf_counter() - t0)
 
 
@@ -354,7 +355,7 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
         # Sync routes and dependencies run in anyio's pool; renders have their own (tiles.py).
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.http_threads
         if warm:
-            await asyncio.to_thread(warm_up, app.state.registry)
+            await asyncio.to_thread(warm_up, app.state.registry, settings.mapped_mb * 2**20)
         yield
         app.state.tiles.queue.shutdown()
 
