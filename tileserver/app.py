@@ -296,13 +296,13 @@ def cell_summary(stack: Stack) -> dict:
 WARM_CELLS = 8  # cells whose shard indexes and first pages are read before serving
 
 
-def warm_up(registry: Registry, mapped_limit: int = 512 * 2**20) -> None:
+def warm_up(registry: Registry, mapped_limit: int = 512 * 2**20, render_nice: int = 0) -> None:
     """Render, before serving, a tile of every kind through the same path as a request: the
     numba kernels compile (or load from their on-disk cache) here, not in a user's first
     tile. Kinds: the layers (composite, count, date, cloud), each mask method, the hillshade,
     native and coarse zooms (masks repeated 2 x 2 or not), every output format."""
     # numba's worker threads start here and inherit this thread's priority: below the event loop
-    lower_thread_priority()
+    lower_thread_priority(render_nice)
     stacks = registry.stacks()
     if not stacks:
         return
@@ -355,7 +355,9 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
         # Sync routes and dependencies run in anyio's pool; renders have their own (tiles.py).
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.http_threads
         if warm:
-            await asyncio.to_thread(warm_up, app.state.registry, settings.mapped_mb * 2**20)
+            await asyncio.to_thread(
+                warm_up, app.state.registry, settings.mapped_mb * 2**20, settings.render_nice
+            )
         yield
         app.state.tiles.queue.shutdown()
 
@@ -385,7 +387,8 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
     )
     app.state.tile_cache = TileCache(settings.tile_cache_mb * 2**20)
     app.state.tiles = TileService(
-        app.state.tile_cache, RenderQueue(settings.render_threads, settings.render_queue)
+        app.state.tile_cache,
+        RenderQueue(settings.render_threads, settings.render_queue, settings.render_nice),
     )
 
     # Same dependencies for both layers: composite options in, no titiler band/expression or

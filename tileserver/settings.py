@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     mapped_mb: int = Field(512, ge=0)  # resident pages of memory-mapped shards (page cache)
     render_threads: int = Field(2, ge=1, le=64)  # tiles rendered at once (each uses all cores)
     render_queue: int = Field(32, ge=0, le=10000)  # tiles waiting for a render thread; 503 past
+    # Render threads' nice increment: > 0 lets the event loop (/health, cached tiles) preempt
+    # them on a busy host, at the cost of render throughput where other processes compete.
+    render_nice: int = Field(0, ge=0, le=19)
     http_threads: int = Field(8, ge=1, le=256)  # sync routes and dependencies (not renders)
     idle_timeout_s: float = Field(5.0, gt=0)  # keep-alive connections idle this long are closed
     header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must arrive within this

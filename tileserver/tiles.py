@@ -35,12 +35,12 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
-RENDER_NICE = 5  # render threads yield the CPU to the event loop (/health, cached tiles)
-
-
-def lower_thread_priority(by: int = RENDER_NICE) -> None:
-    """Lower the calling thread's scheduling priority (Linux: nice is per thread; threads it
-    starts, such as numba's TBB workers, inherit it). A no-op where that is not possible."""
+def lower_thread_priority(by: int) -> None:
+    """Lower the calling thread's scheduling priority by ``by`` (Linux: nice is per thread;
+    threads it starts, such as numba's TBB workers, inherit it). A no-op where that is not
+    possible or ``by`` is 0."""
+    if by <= 0:
+        return
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + by, 19))
@@ -51,10 +51,13 @@ def lower_thread_priority(by: int = RENDER_NICE) -> None:
 class RenderQueue:
     """At most ``threads`` renders at once and ``depth`` waiting; 503 past that."""
 
-    def __init__(self, threads: int, depth: int):
+    def __init__(self, threads: int, depth: int, nice: int = 0):
         self.threads, self.depth = threads, depth
         self._pool = ThreadPoolExecutor(
-            threads, thread_name_prefix="clearsky-render", initializer=lower_thread_priority
+            threads,
+            thread_name_prefix="clearsky-render",
+            initializer=lower_thread_priority,
+            initargs=(nice,),
         )
         self.pending = 0  # running + waiting; touched on the event loop only
         self._mean_s = 0.1  # moving mean of a render's duration, for Retry-After
