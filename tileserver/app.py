@@ -296,7 +296,7 @@ def cell_summary(stack: Stack) -> dict:
 WARM_CELLS = 8  # cells whose shard indexes and first pages are read before serving
 
 
-def warm_up(registry: Registry, mapped_limit: int = 512 * 2**20, render_nice: int = 0) -> None:
+def warm_up(registry: Registry, mapped_limit: int = 384 * 2**20, render_nice: int = 0) -> None:
     """Render, before serving, a tile of every kind through the same path as a request: the
     numba kernels compile (or load from their on-disk cache) here, not in a user's first
     tile. Kinds: the layers (composite, count, date, cloud), each mask method, the hillshade,
