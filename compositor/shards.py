@@ -18,6 +18,8 @@ from __future__ import annotations
 import mmap
 import os
 import stat
+import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,6 +172,20 @@ def trim_mapped(limit_bytes: int) -> bool:
             except (OSError, ValueError, AttributeError):
                 pass
     return True
+
+
+def keep_mapped_under(limit_bytes: int, every_s: float = 0.5) -> threading.Thread:
+    """Check every ``every_s`` seconds, in a thread of its own (off the tiles' path), that at
+    most ``limit_bytes`` of mapped files are resident; let go of the shard pages past it."""
+
+    def loop() -> None:
+        while True:
+            time.sleep(every_s)
+            trim_mapped(limit_bytes)
+
+    t = threading.Thread(target=loop, name="clearsky-mapped-trim", daemon=True)
+    t.start()
+    return t
 
 
 class ShardReader:

@@ -33,7 +33,7 @@ from compositor import sigbus
 from compositor.alloc import limit_arenas, retain_freed_memory
 from compositor.grid import transform_bounds_to_lonlat
 from compositor.render import encode_png
-from compositor.shards import trim_mapped
+from compositor.shards import keep_mapped_under
 from compositor.stack import Stack
 from compositor.tiling import MASK_CACHE, NoData, ViewParams
 from tileserver import timing
@@ -223,8 +223,6 @@ class StackTilerFactory(TilerFactory):
                 view.view,
             )
 
-            mapped_limit = request.app.state.settings.mapped_mb * 2**20
-
             def render() -> tuple[bytes, str]:
                 for _ in range(3):  # again if a scene was found damaged meanwhile
                     before = sum(len(s.damaged) for s in stacks), sigbus.faults()
@@ -235,7 +233,6 @@ class StackTilerFactory(TilerFactory):
                             s.check_mapped()
                     if sum(len(s.damaged) for s in stacks) == before[0]:
                         break
-                trim_mapped(mapped_limit)
                 return render_tile(image, _media(format))
 
             return await request.app.state.tiles.respond(request, key, render)
@@ -296,7 +293,7 @@ def cell_summary(stack: Stack) -> dict:
 WARM_CELLS = 8  # cells whose shard indexes and first pages are read before serving
 
 
-def warm_up(registry: Registry, mapped_limit: int = 384 * 2**20, render_nice: int = 0) -> None:
+def warm_up(registry: Registry, render_nice: int = 0) -> None:
     """Render, before serving, a tile of every kind through the same path as a request: the
     numba kernels compile (or load from their on-disk cache) here, not in a user's first
     tile. Kinds: the layers (composite, count, date, cloud), each mask method, the hillshade,
@@ -343,7 +340,6 @@ def warm_up(registry: Registry, mapped_limit: int = 384 * 2**20, render_nice: in
                 pass
             except Exception:  # a damaged cell must not stop the server from starting
                 log.exception("warm-up tile of cell %s failed", st.cell_id)
-    trim_mapped(mapped_limit)
     log.info("%d warm-up tiles rendered in %.1f s", n, time.perf_counter() - t0)
 
 
@@ -355,9 +351,8 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
         # Sync routes and dependencies run in anyio's pool; renders have their own (tiles.py).
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.http_threads
         if warm:
-            await asyncio.to_thread(
-                warm_up, app.state.registry, settings.mapped_mb * 2**20, settings.render_nice
-            )
+            await asyncio.to_thread(warm_up, app.state.registry, settings.render_nice)
+        keep_mapped_under(settings.mapped_mb * 2**20)
         yield
         app.state.tiles.queue.shutdown()
 
