@@ -174,7 +174,7 @@ def trim_mapped(limit_bytes: int) -> bool:
     return True
 
 
-def keep_mapped_under(limit_bytes: int, every_s: float = 0.5) -> threading.Thread:
+def keep_mapped_under(limit_bytes: int, every_s: float = 0.1) -> threading.Thread:
     """Check every ``every_s`` seconds, in a thread of its own (off the tiles' path), that at
     most ``limit_bytes`` of mapped files are resident; let go of the shard pages past it."""
 
