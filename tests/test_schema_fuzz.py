@@ -44,7 +44,8 @@ def test_openapi_fuzz_finds_no_server_error_and_no_schema_violation(server, tmp_
         "--report-dir",
         str(tmp_path),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # in tmp_path: schemathesis keeps a cache folder in its working directory
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     report = json.loads(next(tmp_path.glob("json-*.json")).read_text())
     assert report["failures"] == [] and report["errors"] == []
