@@ -12,7 +12,9 @@ COGs. Then, in one run:
 - rio-tiler's `mosaic_reader` with `MedianMethod` over the 100 COGs for the same native tiles
   (in-process, so it pays no HTTP: the comparison favours the baseline);
 - a per-stage breakdown of ClearSky's cold tiles, as the server reports it in Server-Timing
-  (plain, with the DEM hillshade blended in, and with mask=segformer).
+  (plain, with the DEM hillshade blended in, and with mask=segformer);
+- in a fresh server process, the first tile of each kind (composite, mask=segformer,
+  hillshade, count, date, @2x) against later tiles of that kind: what the warm-up misses.
 """
 
 from __future__ import annotations
@@ -214,13 +216,38 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-    # The same tiles with the model's masks, in a fresh server process (so no scene pages are
-    # mapped yet, like the first run).
+    # In a fresh server process: the first tile of each kind against later ones of that kind
+    # (does the warm-up cover every stage a first tile uses?), then the same tiles with the
+    # model's masks.
     proc = start_server(args.port)
+    first_tiles: dict[str, dict] = {}
     try:
         with httpx.Client(timeout=60) as client:
-            for t in tiles[:3]:
-                timed_get(client, f"{base}/{t.z}/{t.x}/{t.y}.png", {"percentile": 2})
+            date = client.get(f"http://127.0.0.1:{args.port}/cells").json()[0]["dates"][40]
+            kinds = {
+                "composite": ({}, tiles[-8:-4]),
+                "mask=segformer": ({"mask": "segformer"}, tiles[-12:-8]),
+                "hillshade": ({"hillshade": 0.5}, tiles[-16:-12]),
+                "count": ({"layer": "count"}, tiles[-20:-16]),
+                "date": ({"layer": "date", "date": date}, tiles[-24:-20]),
+                "@2x": ({"tilesize": 512}, tiles[-28:-24]),
+            }
+            for kind, (params, ts) in kinds.items():
+                # each request a new percentile: never served from a cache
+                times = [
+                    timed_get(
+                        client,
+                        f"{base}/{t.z}/{t.x}/{t.y}.png",
+                        {**params, "percentile": 30 + i * 0.37 + len(kind) * 0.01},
+                    )
+                    for i, t in enumerate(ts)
+                ]
+                later = float(np.median(times[1:]))
+                first_tiles[kind] = {
+                    "first_ms": times[0] * 1000,
+                    "later_ms": later * 1000,
+                    "ratio": times[0] / later,
+                }
             seg_stages: list[dict[str, float]] = []
             seg = [
                 timed_get(
@@ -235,6 +262,7 @@ def main() -> None:
     res["clearsky_cold_native_segformer"] = pct(seg)
     res["clearsky_cold_whole_stack"] = pct(lowt)
     res["clearsky_cached"] = pct(cached)
+    res["first_tile_of_each_kind"] = first_tiles
 
     # The stock mosaic: rio-tiler mosaic_reader + MedianMethod over 100 COGs.
     def cog_tile(asset, x, y, zz):
@@ -284,6 +312,12 @@ def main() -> None:
             f"stage breakdown, {label} (median ms, cold native tiles, from Server-Timing): "
             + ", ".join(f"{k} {v:.1f}" for k, v in st.items())
             + f"; slowest: {max((k for k in st if k != 'total'), key=st.get)}"
+        )
+    print("\nfirst tile of each kind in a fresh server vs the median of 3 later ones (cold):")
+    for kind, f in first_tiles.items():
+        print(
+            f"  {kind:16} first {f['first_ms']:7.1f} ms, later {f['later_ms']:7.1f} ms, "
+            f"ratio {f['ratio']:.2f}"
         )
     if args.json:
         print(json.dumps({"tiles": res}))

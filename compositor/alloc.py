@@ -17,7 +17,21 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 _done = False
+
+
+def limit_arenas(n: int) -> bool:
+    """At most ``n`` malloc arenas (glibc): with freed memory kept, each arena holds on to the
+    peak of the threads that used it, so fewer arenas means the process keeps the peak of what
+    runs at once, not the sum of every thread's peak. True if applied."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_ARENA_MAX, max(int(n), 1)))
 
 
 def retain_freed_memory() -> bool:

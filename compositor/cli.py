@@ -327,11 +327,11 @@ def serve(
             fg=typer.colors.YELLOW,
             err=True,
         )
-    import uvicorn
-
     os.environ["CLEARSKY_DATA_DIR"] = str(data_dir)
-    typer.echo(f"ClearSky viewer: http://{host}:{port}/  (data: {data_dir})")
-    uvicorn.run("tileserver.main:app", host=host, port=port, workers=workers, log_level="info")
+    from tileserver.http import run
+
+    typer.echo(f"ClearSky: starting on {host}:{port} (data: {data_dir}); URL once it is ready")
+    run(host, port, workers)
 
 
 @app.command()

@@ -37,7 +37,7 @@ SCL_BADNESS[list(SCL_NODATA)] = 255  # never chosen
 NO_LOOK = 255
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _mask_bits(codes, badbits, r, nodata_max, out):  # pragma: no cover - compiled
     """Packed exclusion masks per scene, from class codes (T, H, W) uint8:
 
@@ -76,7 +76,7 @@ def _bits(codes: np.ndarray, bad_codes: tuple[int, ...], pixels: int, nodata_max
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _least(codes, lut, margin, bits):  # pragma: no cover - compiled
     T, H, W = codes.shape
     for y in prange(H):
@@ -125,7 +125,7 @@ _SCL_IS_BAD[list(SCL_CLOUD + SCL_SHADOW)] = 1
 _CLEAR, _BAD = 2, 3  # codes handed to _mask_bits (0 = nodata)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _prob_codes(scl, cp, thr, scl_bad, scl_rank, codes, badness):  # pragma: no cover
     """Per look: the model's verdict where it predicted the scene, SCL's elsewhere."""
     T, H, W = scl.shape

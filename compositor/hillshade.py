@@ -14,7 +14,7 @@ SUN_AZIMUTH = 315.0  # degrees clockwise from north: light from the north-west, 
 SUN_ALTITUDE = 45.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _shade(z, pixel_size, cz, sz, caz, saz, out):  # pragma: no cover - compiled
     H, W = out.shape
     k = 1.0 / (8.0 * pixel_size)

@@ -12,16 +12,19 @@ Layout (Zarr v3 group, one per cell, ``<data_dir>/<CELL>.zarr``)::
 A chunk holds one scene and a 256 x 256 block, so a tile read at the level that matches its
 resolution touches at most four chunks per scene whatever the zoom. Scenes are appended; a
 scene is only visible to readers once its ``complete`` flag is set, after all its levels are
-written, so an interrupted write never shows half a scene.
+written, so an interrupted write never shows half a scene. A scene whose shards turn out to be
+damaged (checked by :meth:`Stack.verify`, or found short while reading) is left out from then on,
+with one warning naming it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
+import logging
 import threading
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +33,17 @@ import numpy as np
 import zarr
 from affine import Affine
 from cachetools import LRUCache
-from numba import njit
 from zarr.codecs import BloscCodec
 
+from compositor import sigbus
 from compositor.percentile import SOURCE_MIN_WIDTH, Source
+from compositor.shards import ArrayLayout, ShardDamaged, ShardReader
+
+log = logging.getLogger(__name__)
 
 CHUNK = 256
 DEM_CACHE_BYTES = 64 * 2**20  # decoded DEM chunks kept per open stack
+MAPPED_CHECK_S = 1.0  # mapped shards' sizes are checked at most this often (a stat each)
 NODATA = 0
 CLOUDPROB_UNSET = 255
 CLOUDPROB_SCALE = 250.0
@@ -113,9 +120,13 @@ class Stack:
         self.scenes: list[Scene] = [Scene(**s) for s in attrs.get("scenes", [])]
         self.meta: dict[str, Any] = dict(attrs.get("meta", {}))
         self._arrays: dict[str, zarr.Array] = {}
-        # Local stores read scene shards through memory maps (see ShardReader); anything else
-        # (an object store) goes through zarr-python.
-        self._shards = ShardReader(self.path, self) if self.path.is_dir() else None
+        # Local stores read scene shards with pread (compositor/shards.py); anything else (an
+        # object store) goes through zarr-python.
+        self._shards = ShardReader(self.path) if self.path.is_dir() else None
+        self._layouts: dict[tuple[int, str], ArrayLayout] = {}
+        self.damaged: dict[int, str] = {}  # scene index -> why it is left out
+        self._checked = time.monotonic()  # when the mapped shards' sizes were last checked
+        self.warnings: list[str] = []  # what is wrong with this stack, for /cells
         # Decoded DEM chunks (the DEM is compressed; zarr-python takes ~2 ms per chunk): a
         # hillshaded tile needs ~4, and its neighbours mostly the same ones.
         self._dem_chunks: LRUCache = LRUCache(maxsize=DEM_CACHE_BYTES, getsizeof=lambda a: a.nbytes)
@@ -190,11 +201,88 @@ class Stack:
         path = Path(path)
         if not (path / "zarr.json").exists():
             raise StackError(f"no stack at {path}")
+        if not (path / "zarr.json").is_file():  # a FIFO or a folder: reading it would hang/fail
+            raise StackError(f"stack {path} is malformed: zarr.json is not a regular file")
         try:
             group = zarr.open_group(str(path), mode=mode, zarr_format=3)
             return cls(path, group)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StackError(f"stack {path} is malformed: {exc}") from None
+        except Exception as exc:  # any failure to parse what is on disk: a malformed store
+            raise StackError(
+                f"stack {path} is malformed: {type(exc).__name__}: {str(exc)[:200]}"
+            ) from None
+
+    def verify(self) -> list[str]:
+        """Check the store before serving it: every array's metadata (StackError if one is
+        unreadable or does not fit the stack: the whole cell is unusable), then every complete
+        scene's shards (size, index checksum, chunk entries). Scenes with a damaged shard are
+        left out, one warning each; returns the warnings."""
+        for lv in self.levels:
+            for name in ("reflectance", "scl", "cloudprob", "dem"):
+                try:
+                    if name != "dem":
+                        self._layout(lv.index, name)
+                    else:
+                        self._array(lv.index, name)
+                except Exception as exc:
+                    raise StackError(
+                        f"L{lv.index}/{name}/zarr.json is unreadable or does not fit the stack "
+                        f"({type(exc).__name__}: {str(exc)[:120]})"
+                    ) from None
+        if self._shards is None:
+            return list(self.warnings)
+        for t, s in enumerate(self.scenes):
+            if not s.complete or t in self.damaged:
+                continue
+            for lv in self.levels:
+                why = self._check_scene(lv.index, t)
+                if why:
+                    self._mark_damaged({t: why})
+                    break
+        return list(self.warnings)
+
+    def _check_scene(self, level: int, t: int) -> str | None:
+        for name in ("reflectance", "scl", "cloudprob"):
+            a = self._layout(level, name)
+            if name == "cloudprob" and not self._shards.exists(a, t):
+                continue  # model masks not written (yet): normal
+            try:
+                self._shards.check(a, t)
+            except ShardDamaged as exc:
+                return f"{self._shards.relpath(a, t)} {exc}"
+        return None
+
+    def _mark_damaged(self, bad: dict[int, str]) -> None:
+        """Leave scenes out from now on, with one warning each (a scene found damaged by
+        several reads at once is reported once)."""
+        with self._lock:
+            new = {t: why for t, why in bad.items() if t not in self.damaged}
+            self.damaged.update(new)
+            for t, why in new.items():
+                msg = f"scene {self.scenes[t].id} ({self.scenes[t].date}) left out: {why}"
+                self.warnings.append(msg)
+                log.warning("cell %s: %s", self.cell_id, msg)
+
+    def _layout(self, level: int, name: str) -> ArrayLayout:
+        """The shard layout of array ``name`` at ``level``, checked against the stack."""
+        key = (level, name)
+        lay = self._layouts.get(key)
+        if lay is None:
+            arr = self._array(level, name)
+            lv = self.levels[level]
+            lead = {"reflectance": (len(self.bands),), "scl": (), "cloudprob": (2,)}[name]
+            if tuple(arr.shape[1:]) != (*lead, lv.height, lv.width):
+                raise StackError(f"shape {arr.shape} does not fit the level")
+            if arr.shape[0] < len(self.scenes):
+                raise StackError(f"{arr.shape[0]} scenes in the array, {len(self.scenes)} listed")
+            if tuple(arr.chunks[1:]) != (*lead, CHUNK, CHUNK):
+                raise StackError(f"chunks {arr.chunks} are not scene x {CHUNK} x {CHUNK}")
+            grid = (-(-lv.height // CHUNK), -(-lv.width // CHUNK))
+            if arr.shards is None or tuple(arr.shards[-2:]) != (grid[0] * CHUNK, grid[1] * CHUNK):
+                raise StackError(f"shards {arr.shards} are not one scene per shard")
+            fill = int(arr.fill_value)
+            lay = ArrayLayout(name, level, lead, np.dtype(arr.dtype), fill, grid, CHUNK)
+            self._layouts[key] = lay
+        return lay
 
     # ---------------------------------------------------------------- geometry
     @property
@@ -221,10 +309,11 @@ class Stack:
         end: dt.date | None = None,
         months: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """Indices of complete scenes in a date range / set of months, in time order."""
+        """Indices of complete (and undamaged) scenes in a date range / set of months, in time
+        order."""
         idx = []
         for i, s in enumerate(self.scenes):
-            if not s.complete:
+            if not s.complete or i in self.damaged:
                 continue
             d = s.date
             if start and d < start or end and d > end or months and d.month not in months:
@@ -374,7 +463,7 @@ class Stack:
             if inside and len(indices):
                 dst = buf[..., rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0]
                 if self._shards is not None:
-                    self._shards.read(level, name, indices, sel, (rr0, rr1, cc0, cc1), dst)
+                    self._read_shards(level, name, indices, sel, (rr0, rr1, cc0, cc1), dst)
                 else:
                     mid = (sel if sel is not None else slice(None),) * (arr.ndim - 3)
                     t_sel = _as_selection(indices)
@@ -384,15 +473,72 @@ class Stack:
             out[name] = buf
         return out
 
+    def _read_shards(
+        self,
+        level: int,
+        name: str,
+        indices: np.ndarray,
+        bands: list[int] | None,
+        box: tuple[int, int, int, int],
+        dst: np.ndarray,
+    ) -> None:
+        """Local read of box (rr0, rr1, cc0, cc1) into dst (a view of the output buffer).
+        Scenes found damaged come back as fill (no data) and are left out from now on."""
+        a = self._layout(level, name)
+        planes = np.asarray(bands if bands is not None else range(a.planes), dtype=np.int64)
+        rr0, rr1, cc0, cc1 = box
+        # The compiled reader writes plain rows: go through a contiguous buffer if dst is not.
+        work = dst if dst.flags.c_contiguous else np.empty(dst.shape, dst.dtype)
+        w4 = work.reshape(len(indices), len(planes), rr1 - rr0, cc1 - cc0)
+        faults = sigbus.faults()
+        bad = self._shards.read(a, indices, planes, box, w4, self._must_exist(name))
+        if work is not dst:
+            dst[...] = work
+        if bad:
+            self._mark_damaged(bad)
+        if sigbus.faults() != faults:  # a mapped shard shrank while we read it
+            self.check_mapped()
+            idx = indices.tolist()
+            for t in self.damaged:  # never half a scene: all of it or none
+                if t in idx:
+                    dst[idx.index(t)] = a.fill
+
+    def check_mapped(self) -> bool:
+        """After the SIGBUS guard counted a lost page (compositor/sigbus.py): leave out the
+        scenes whose mapped shards shrank. True if any did."""
+        if self._shards is None:
+            return False
+        bad = self._shards.shrunk()
+        if bad:
+            self._mark_damaged(bad)
+        return bool(bad)
+
+    def _must_exist(self, name: str) -> Callable[[int], bool]:
+        """Whether scene t must have a shard of ``name``: complete scenes have reflectance
+        and SCL; model masks and scenes still being written may have none (fill)."""
+        if name == "cloudprob":
+            return lambda t: False
+        n = len(self.scenes)
+        return lambda t: t < n and self.scenes[t].complete
+
     def source(
         self, level: int, window: tuple[int, int, int, int], indices: np.ndarray, bands: list[int]
     ) -> Source | None:
-        """The reflectance window for the percentile kernel to read in place, or None where
-        that is not possible (a store that is not a local directory, a window narrower than the
-        kernel's block): then read() it."""
+        """The reflectance window as the percentile kernel's input (compositor/shards.py), or
+        None where the kernel should get an array from read() (a store that is not a local
+        directory, a window narrower than the kernel's block)."""
         if self._shards is None or window[3] < SOURCE_MIN_WIDTH:
             return None
-        return self._shards.source(level, indices, bands, window)
+        now = time.monotonic()
+        if now - self._checked > MAPPED_CHECK_S:  # shards cut short where no tile read yet
+            self._checked = now
+            self.check_mapped()
+        a = self._layout(level, "reflectance")
+        planes = np.asarray(bands, np.int64)
+        src, bad = self._shards.source(a, indices, planes, window, self._must_exist(a.name))
+        if bad:
+            self._mark_damaged(bad)
+        return src
 
     def _read_dem(
         self, level: int, arr: zarr.Array, box: tuple[int, int, int, int], dst: np.ndarray
@@ -406,7 +552,15 @@ class Stack:
                 with self._lock:
                     chunk = self._dem_chunks.get(key)
                 if chunk is None:
-                    chunk = arr[cy * ch : (cy + 1) * ch, cx * cw : (cx + 1) * cw]
+                    try:
+                        chunk = arr[cy * ch : (cy + 1) * ch, cx * cw : (cx + 1) * cw]
+                    except Exception as exc:  # a damaged DEM chunk: no relief there, not a 500
+                        chunk = np.full((ch, cw), np.nan, np.float32)
+                        with self._lock:
+                            msg = f"DEM chunk L{level} {cy},{cx} unreadable: {type(exc).__name__}"
+                            if msg not in self.warnings:
+                                self.warnings.append(msg)
+                                log.warning("cell %s: %s", self.cell_id, msg)
                     with self._lock:
                         self._dem_chunks[key] = chunk
                 y0, y1 = max(rr0, cy * ch), min(rr1, (cy + 1) * ch)
@@ -417,159 +571,6 @@ class Stack:
 
     def nbytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
-
-
-@njit(cache=True, nogil=True)
-def _copy_scene(data, offs, bands, chunk, box, fill, dst):  # pragma: no cover - compiled
-    """Copy window ``box`` (rows rr0:rr1, cols cc0:cc1) of one scene shard into dst (B', h, w).
-
-    ``data`` is the shard as a flat typed array, ``offs`` (gy, gx) the item offset of each
-    inner chunk (-1: absent, written as ``fill``), ``bands`` the leading-axis planes to copy.
-    Row slices, not element loops: LLVM turns them into memcpy (2x faster measured)."""
-    rr0, rr1, cc0, cc1 = box
-    plane = chunk * chunk
-    for cy in range(rr0 // chunk, (rr1 - 1) // chunk + 1):
-        y0, y1 = max(rr0, cy * chunk), min(rr1, (cy + 1) * chunk)
-        for cx in range(cc0 // chunk, (cc1 - 1) // chunk + 1):
-            x0, x1 = max(cc0, cx * chunk), min(cc1, (cx + 1) * chunk)
-            off = offs[cy, cx]
-            if off < 0:
-                dst[:, y0 - rr0 : y1 - rr0, x0 - cc0 : x1 - cc0] = fill
-                continue
-            n = x1 - x0
-            for j in range(bands.shape[0]):
-                base = off + bands[j] * plane
-                for y in range(y0, y1):
-                    s0 = base + (y - cy * chunk) * chunk + x0 - cx * chunk
-                    dst[j, y - rr0, x0 - cc0 : x1 - cc0] = data[s0 : s0 + n]
-
-
-class ShardReader:
-    """Fast path for local stacks: memory-map each scene's shard and copy just the window.
-
-    Shards hold uncompressed inner chunks, so a chunk is a fixed-size run of bytes whose offset
-    the shard index (at the end of the file, Zarr v3 sharding spec) gives. zarr-python costs
-    ~0.5 ms of Python per chunk, 200+ ms for a 100-scene tile; here one compiled call per scene
-    copies the window straight out of the page cache.
-    """
-
-    def __init__(self, root: Path, stack: Stack):
-        self.root = root
-        self._root = str(root)
-        self.stack = stack
-        self._maps: dict[tuple[int, str, int], tuple[int, np.ndarray, np.ndarray]] = {}
-        self._zeros: np.ndarray | None = None
-
-    def _shard(self, level: int, name: str, t: int, arr: zarr.Array, grid: tuple[int, int]):
-        """(mtime, data, chunk offsets, data address) of scene t's shard, or None if unwritten.
-
-        Shards are replaced atomically (write + rename), so a mapping stays valid. Only cloud
-        masks are rewritten in a complete scene: just those are checked for a newer file."""
-        key = (level, name, t)
-        hit = self._maps.get(key)
-        if hit is not None and name != "cloudprob":
-            return hit
-        lead = arr.shape[1:-2]
-        path = os.path.join(self._root, f"L{level}", name, "c", str(t), *["0"] * (len(lead) + 2))
-        try:
-            mtime = os.stat(path).st_mtime_ns
-        except FileNotFoundError:
-            self._maps.pop(key, None)
-            return None
-        if hit is not None and hit[0] == mtime:
-            return hit
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
-        n = grid[0] * grid[1]
-        index = np.frombuffer(mm[-(16 * n + 4) : -4], dtype="<u8").reshape(*grid, 2)
-        itemsize = arr.dtype.itemsize
-        nbytes = int(np.prod(lead, dtype=np.int64)) * CHUNK * CHUNK * itemsize
-        data = np.frombuffer(mm, dtype=arr.dtype, count=(len(mm) - 16 * n - 4) // itemsize)
-        # A chunk is used only if it is whole and inside the file: a damaged index must not
-        # make a compiled reader touch memory past the mapping.
-        ok = (index[..., 1] == nbytes) & (index[..., 0] + nbytes <= data.nbytes)
-        offs = np.where(ok, index[..., 0] // itemsize, -1).astype(np.int64)
-        hit = (mtime, data, offs, data.ctypes.data)
-        self._maps[key] = hit
-        return hit
-
-    def source(
-        self, level: int, indices: np.ndarray, bands: list[int], window: tuple[int, int, int, int]
-    ) -> Source:
-        """The reflectance window (row, col, height, width) of scenes ``indices`` at ``level``,
-        read in place by the percentile kernel: a table of each chunk's address in the mapped
-        shards. Chunks outside the stack or never written point at a chunk of zeros (nodata)."""
-        arr = self.stack._array(level, "reflectance")
-        lv = self.stack.levels[level]
-        grid = (-(-lv.height // CHUNK), -(-lv.width // CHUNK))
-        r0, c0, h, w = window
-        cy0, cx0 = r0 // CHUNK, c0 // CHUNK  # floor: windows may start outside the stack
-        gy, gx = (r0 + h - 1) // CHUNK - cy0 + 1, (c0 + w - 1) // CHUNK - cx0 + 1
-        plane = CHUNK * CHUNK
-        if self._zeros is None or self._zeros.size < arr.shape[1] * plane:
-            self._zeros = np.zeros(arr.shape[1] * plane, arr.dtype)
-        zero = self._zeros.ctypes.data
-        addr = np.full((len(indices), gy, gx), zero, np.uint64)
-        # (table, shard) chunk coordinates of the chunks inside the stack
-        inside = [
-            (i, j, cy0 + i, cx0 + j)
-            for i in range(gy)
-            for j in range(gx)
-            if 0 <= cy0 + i < grid[0] and 0 <= cx0 + j < grid[1]
-        ]
-        keep: list = [self._zeros]
-        size = arr.dtype.itemsize
-        for k, t in enumerate(indices.tolist()):
-            hit = self._shard(level, "reflectance", t, arr, grid)
-            if hit is None:
-                continue
-            keep.append(hit[1])
-            offs, base = hit[2], hit[3]
-            for i, j, y, x in inside:
-                o = int(offs[y, x])
-                if o >= 0:
-                    addr[k, i, j] = base + o * size
-        return Source(
-            addr,
-            (CHUNK, CHUNK),
-            plane,
-            (r0 - cy0 * CHUNK, c0 - cx0 * CHUNK),
-            np.asarray(bands, np.int64),
-            h,
-            w,
-            tuple(keep),
-        )
-
-    def read(
-        self,
-        level: int,
-        name: str,
-        indices: np.ndarray,
-        bands: list[int] | None,
-        box: tuple[int, int, int, int],
-        dst: np.ndarray,
-    ) -> None:
-        arr = self.stack._array(level, name)
-        lead = tuple(arr.shape[1:-2])
-        lv = self.stack.levels[level]
-        grid = (-(-lv.height // CHUNK), -(-lv.width // CHUNK))
-        nlead = int(np.prod(lead, dtype=np.int64))
-        planes = np.asarray(bands if bands is not None else range(nlead), dtype=np.int64)
-        rr0, rr1, cc0, cc1 = box
-        # dst is a view (the window's part inside the stack); copy through a contiguous buffer
-        # when it is not one, so the kernel can write plain rows.
-        work = dst if dst.flags.c_contiguous else np.empty(dst.shape, dst.dtype)
-        if not dst.flags.c_contiguous:
-            work[...] = dst
-        w3 = work.reshape(len(indices), len(planes), rr1 - rr0, cc1 - cc0)
-        fill = arr.fill_value
-        for k, t in enumerate(indices):
-            hit = self._shard(level, name, int(t), arr, grid)
-            if hit is None:  # never written
-                w3[k] = fill
-            else:
-                _copy_scene(hit[1], hit[2], planes, CHUNK, box, fill, w3[k])
-        if work is not dst:
-            dst[...] = work
 
 
 def _as_selection(indices: np.ndarray) -> slice | np.ndarray:

@@ -367,7 +367,7 @@ def _coarse_masks(
     return bits, (r0 - mr0 * f, c0 - mc0 * f), fallbacks
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _repeat2(src, oy, ox, out):  # pragma: no cover - compiled
     """out = src repeated 2 x 2 from offset (oy, ox) in the repeated grid (uint8). A coarse
     row becomes uint16 pairs (b * 257) written contiguously, then copied to its fine rows."""

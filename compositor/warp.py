@@ -72,7 +72,7 @@ def _upsample(v: np.ndarray, iy: np.ndarray, jx: np.ndarray, py: np.ndarray, px:
     return rows[:, kx] * (1.0 - fx) + rows[:, kx + 1] * fx
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _bilinear(src, col, row, out):  # pragma: no cover - compiled
     c_, h, w = src.shape
     H, W = col.shape
@@ -106,7 +106,7 @@ def _bilinear(src, col, row, out):  # pragma: no cover - compiled
                 out[c, i, j] = acc / wsum if wsum > 0.25 else np.nan
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _nearest(src, col, row, out):  # pragma: no cover - compiled
     c_, h, w = src.shape
     H, W = col.shape

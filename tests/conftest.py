@@ -52,11 +52,12 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def serve(data_dir: Path) -> Iterator[str]:
-    """`clearsky serve` of ``data_dir`` as a real process on 127.0.0.1; yields its base URL."""
+def running_server(data_dir: Path, log_path: Path, **env: str) -> Iterator[str]:
+    """`clearsky serve` as a real process on 127.0.0.1 over ``data_dir`` (extra CLEARSKY_*
+    settings in ``env``), its output in ``log_path``; yields its base URL, stops it after."""
     port = free_port()
-    env = {**os.environ, "CLEARSKY_DATA_DIR": str(data_dir)}
-    log = open(data_dir / f"server-{port}.log", "w")  # a file, not a pipe nobody drains
+    full_env = {**os.environ, "CLEARSKY_DATA_DIR": str(data_dir), **env}
+    log = open(log_path, "w")  # a file, not a pipe nobody drains
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -70,7 +71,7 @@ def serve(data_dir: Path) -> Iterator[str]:
             "--data",
             str(data_dir),
         ],
-        env=env,
+        env=full_env,
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
@@ -78,19 +79,18 @@ def serve(data_dir: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     # First start in a fresh checkout compiles the numba kernels (warm-up) before serving.
     deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(data_dir / log.name).read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("server did not start within 300 s")
-        time.sleep(0.2)
     try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start within 300 s")
+            time.sleep(0.2)
         yield url
     finally:
         proc.terminate()
@@ -98,11 +98,17 @@ def serve(data_dir: Path) -> Iterator[str]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
         log.close()
+
+
+def serve(data_dir: Path, **env: str):  # -> a context manager yielding the base URL
+    """`clearsky serve` of ``data_dir``, its log beside the stacks."""
+    return running_server(data_dir, data_dir / f"server-{free_port()}.log", **env)
 
 
 @pytest.fixture(scope="session")
 def server(demo_dir: Path) -> Iterator[str]:
-    """`clearsky serve` of the demo cells, shared by the tests; yields its base URL."""
-    with serve(demo_dir) as url:
+    """`clearsky serve` as a real process on 127.0.0.1; yields its base URL."""
+    with running_server(demo_dir, demo_dir / "server.log") as url:
         yield url

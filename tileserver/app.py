@@ -4,46 +4,59 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path as FsPath
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import anyio.to_thread
 import morecantile
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from morecantile import TileMatrixSet
 from morecantile.defaults import TileMatrixSets
 from pyproj import Transformer
+from rio_tiler.errors import TileOutsideBounds
 from rio_tiler.models import ImageData
 from titiler.core.dependencies import DefaultDependency
-from titiler.core.errors import DEFAULT_STATUS_CODES, add_exception_handlers
 from titiler.core.factory import TilerFactory
 from titiler.core.resources.enums import ImageType
 from titiler.core.utils import render_image
 
-from compositor.alloc import retain_freed_memory
+from compositor import sigbus
+from compositor.alloc import limit_arenas, retain_freed_memory
 from compositor.grid import transform_bounds_to_lonlat
-from compositor.render import encode_png, encode_tile
+from compositor.render import encode_tile
+from compositor.shards import keep_mapped_under
 from compositor.stack import Stack
-from compositor.tiling import MASK_CACHE, NoData, ViewParams, render_area
+from compositor.tiling import MASK_CACHE, NoData, ViewParams
 from tileserver import timing
-from tileserver.cache import TileCacheMiddleware
-from tileserver.params import ViewQuery
+from tileserver.cache import RequestGuard, TileCache
+from tileserver.params import (
+    MAX_QUERY_BYTES,
+    MAX_TILESIZE,
+    MIN_TILESIZE,
+    ViewQuery,
+    invalid,
+    single_values,
+)
 from tileserver.reader import CellsMosaicReader, StackReader
 from tileserver.registry import Registry, UnknownCell
 from tileserver.settings import Settings, get_settings
+from tileserver.tiles import RenderQueue, TileService, lower_thread_priority
 from tileserver.wmts import capabilities
 
 log = logging.getLogger("clearsky.tileserver")
 ATTRIBUTION = "Contains modified Copernicus Sentinel data"
 
 
-def cell_stack(
+async def cell_stack(
     request: Request,
     cell: Annotated[str, Path(description="Sentinel-2 MGRS cell id, e.g. 34TER")],
 ) -> Stack:
@@ -71,7 +84,9 @@ def render_tile(
         media = "image/png" if fmt == "png" else (output_format or ImageType.png).mediatype
         out = encode_tile(np.asarray(image.array.data), valid, fmt), media
     else:
-        out = render_image(image, output_format=output_format, **kwargs)
+        body, media = render_image(image, output_format=output_format, **kwargs)
+        # titiler's name for JPEG; the registered media type is image/jpeg
+        out = body, "image/jpeg" if media == "image/jpg" else media
     timing.record({"encode": time.perf_counter() - t0})
     return out
 
@@ -88,17 +103,141 @@ class SharedTileMatrixSets(TileMatrixSets):
 
 
 _TMS_CACHE: dict[str, TileMatrixSet] = {}
-SHARED_TMS = SharedTileMatrixSets(dict(morecantile.tms.tilematrixsets))
+# The matrix sets web clients use: XYZ / WMTS in Web Mercator, and the geographic one.
+TMS_IDS = ("WebMercatorQuad", "WorldCRS84Quad")
+SHARED_TMS = SharedTileMatrixSets({k: morecantile.tms.tilematrixsets[k] for k in TMS_IDS})
+
+
+class TileFormat(StrEnum):
+    png = "png"
+    jpg = "jpg"
+    jpeg = "jpeg"
+    webp = "webp"
+
+
+ERROR_MODEL = {
+    "content": {
+        "application/json": {
+            "schema": {"type": "object", "properties": {"detail": {"type": "string"}}}
+        }
+    }
+}
+TILE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+        "description": "The tile (PNG with alpha by default).",
+    },
+    304: {"description": "Not modified (If-None-Match matched the ETag)."},
+    404: {"description": "Unknown cell, or a tile outside every served cell.", **ERROR_MODEL},
+    503: {"description": "Too many tiles waiting to render; see Retry-After.", **ERROR_MODEL},
+}
+
+
+def check_tile_address(tms: TileMatrixSet, z: int, x: int, y: int) -> None:
+    """z within the matrix set's zooms and x, y within that zoom's matrix, else a 422."""
+    if not tms.minzoom <= z <= tms.maxzoom:
+        raise invalid(("path", "z"), f"{tms.id} has zooms {tms.minzoom}-{tms.maxzoom}", z)
+    m = tms.matrix(z)
+    if x >= m.matrixWidth:
+        raise invalid(("path", "x"), f"0-{m.matrixWidth - 1} at zoom {z} of {tms.id}", x)
+    if y >= m.matrixHeight:
+        raise invalid(("path", "y"), f"0-{m.matrixHeight - 1} at zoom {z} of {tms.id}", y)
+
+
+def _media(fmt: TileFormat | None) -> ImageType | None:
+    return None if fmt in (None, TileFormat.png) else ImageType(fmt.value)
 
 
 class StackTilerFactory(TilerFactory):
-    """titiler's TilerFactory with only the routes that make sense for a composited stack."""
+    """titiler's TilerFactory with only the routes that make sense for a composited stack, and
+    its own tile route: bounded parameters, the tile cache keyed by the validated ones, and the
+    render queue."""
 
     def register_routes(self) -> None:
         if self.name != "all":
             self.info()
         self.tile()
         self.tilejson()
+
+    def info(self) -> None:
+        """The stack's info (bounds, CRS, bands, levels). Our own route: titiler's declares a
+        response model whose OpenAPI schema is not valid OpenAPI 3.1 (tuple items)."""
+        factory = self
+
+        @self.router.get(
+            "/info",
+            response_class=JSONResponse,
+            operation_id=f"{self.operation_prefix}getInfo",
+            responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}},
+        )
+        def info(src=Depends(self.path_dependency)) -> JSONResponse:  # noqa: B008
+            """Stack info: bounds, CRS, bands, data type, size, overview factors."""
+            with factory.reader(src) as r:
+                return JSONResponse(r.info().model_dump(mode="json", exclude_none=True))
+
+    def tile(self) -> None:
+        factory = self
+        kind = self.name or "cell"
+
+        @self.router.get(
+            "/tiles/{tileMatrixSetId}/{z}/{x}/{y}",
+            operation_id=f"{self.operation_prefix}getTile",
+            response_class=Response,
+            responses=TILE_RESPONSES,
+        )
+        @self.router.get(
+            "/tiles/{tileMatrixSetId}/{z}/{x}/{y}.{format}",
+            operation_id=f"{self.operation_prefix}getTileWithFormat",
+            response_class=Response,
+            responses=TILE_RESPONSES,
+        )
+        async def tile(
+            request: Request,
+            z: Annotated[int, Path(ge=0, le=30, description="Zoom level of the matrix set")],
+            x: Annotated[int, Path(ge=0, description="Column (0 .. matrix width - 1)")],
+            y: Annotated[int, Path(ge=0, description="Row (0 .. matrix height - 1)")],
+            tileMatrixSetId: Annotated[
+                Literal[TMS_IDS], Path(description="Tile matrix set (WebMercatorQuad for XYZ)")
+            ],
+            view: Annotated[ViewQuery, Depends()],
+            format: TileFormat | None = None,
+            tilesize: Annotated[
+                int,
+                Query(ge=MIN_TILESIZE, le=MAX_TILESIZE, description="Tile width = height, px"),
+            ] = 256,
+            src=Depends(self.path_dependency),  # noqa: B008 - the factory's own dependency
+        ) -> Response:
+            """A composited tile (PNG with alpha; .jpg and .webp opaque)."""
+            tms = factory.supported_tms.get(tileMatrixSetId)
+            check_tile_address(tms, z, x, y)
+            stacks = src if isinstance(src, list) else [src]
+            # The key: the validated parameters (and which stores, as they are now), never
+            # the raw query string.
+            key = (
+                kind,
+                tuple((s.cell_id, str(s.path), len(s.damaged)) for s in stacks),
+                tileMatrixSetId,
+                z,
+                x,
+                y,
+                format,
+                tilesize,
+                view.view,
+            )
+
+            def render() -> tuple[bytes, str]:
+                for _ in range(3):  # again if a scene was found damaged meanwhile
+                    before = sum(len(s.damaged) for s in stacks), sigbus.faults()
+                    with factory.reader(src, tms=tms, params=view.view) as r:
+                        image = r.tile(x, y, z, tilesize=tilesize)
+                    if sigbus.faults() != before[1]:  # a mapped shard shrank under the kernel
+                        for s in stacks:
+                            s.check_mapped()
+                    if sum(len(s.damaged) for s in stacks) == before[0]:
+                        break
+                return render_tile(image, _media(format))
+
+            return await request.app.state.tiles.respond(request, key, render)
 
 
 def all_stacks(request: Request) -> list[Stack]:
@@ -145,6 +284,7 @@ def cell_summary(stack: Stack) -> dict:
         "width": stack.width,
         "height": stack.height,
         "scene_count": len(idx),
+        "warnings": list(stack.warnings),
         "start": dates[0] if dates else None,
         "end": dates[-1] if dates else None,
         "dates": dates,
@@ -152,25 +292,57 @@ def cell_summary(stack: Stack) -> dict:
     }
 
 
-def warm_up(registry: Registry) -> None:
-    """Render one tile per layer kind before serving: the numba kernels compile (or load from
-    their on-disk cache) here, not inside a user's first tile request."""
+WARM_CELLS = 8  # cells whose shard indexes and first pages are read before serving
+
+
+def warm_up(registry: Registry, render_nice: int = 0) -> None:
+    """Render, before serving, a tile of every kind through the same path as a request: the
+    numba kernels compile (or load from their on-disk cache) here, not in a user's first
+    tile. Kinds: the layers (composite, count, date, cloud), each mask method, the hillshade,
+    native and coarse zooms (masks repeated 2 x 2 or not), every output format."""
+    # numba's worker threads start here and inherit this thread's priority: below the event loop
+    lower_thread_priority(render_nice)
     stacks = registry.stacks()
     if not stacks:
         return
     t0 = time.perf_counter()
-    st = stacks[0]
-    tms = morecantile.tms.get("WebMercatorQuad")
-    lon, lat = cell_summary(st)["center"]
-    tile = tms.tile(lon, lat, 13)
-    bounds = tuple(tms.xy_bounds(tile))
-    for layer in ("composite", "count"):
-        try:
-            r = render_area(st, tms.rasterio_crs, bounds, 256, 256, ViewParams(layer=layer))
-            encode_png(r.rgb, r.valid)
-        except NoData:
-            pass
-    log.info("kernels ready in %.1f s", time.perf_counter() - t0)
+    tms = SHARED_TMS.get("WebMercatorQuad")
+    n = 0
+    for i, st in enumerate(stacks[:WARM_CELLS]):
+        reader = StackReader(st, tms=tms)
+        lon, lat = cell_summary(st)["center"]
+        native = min(max(tms.zoom_for_res(st.resolution), reader.minzoom), reader.maxzoom)
+        idx = st.complete_indices()
+        date = st.scenes[idx[len(idx) // 2]].date if len(idx) else None
+        kinds: list[tuple[int, ViewParams, TileFormat | None]] = [(native, ViewParams(), None)]
+        if i == 0:  # every stage once per process, on the first cell
+            kinds += [
+                (native - 1, ViewParams(), None),
+                (native, ViewParams(mask="segformer"), None),
+                (native - 1, ViewParams(mask="segformer"), None),
+                (native, ViewParams(mask="none"), None),
+                (native, ViewParams(hillshade=0.5), None),
+                (native, ViewParams(layer="count"), None),
+                (native, ViewParams(), TileFormat.jpg),
+                (native, ViewParams(), TileFormat.webp),
+            ]
+            if date is not None:
+                kinds += [
+                    (native, ViewParams(layer="date", date=date), None),
+                    (native, ViewParams(layer="date", date=date, hillshade=0.5), None),
+                    (native, ViewParams(layer="cloud", date=date), None),
+                ]
+        for z, view, fmt in kinds:
+            tile = tms.tile(lon, lat, z)
+            try:
+                with StackReader(st, tms=tms, params=view) as r:
+                    render_tile(r.tile(tile.x, tile.y, tile.z), _media(fmt))
+                n += 1
+            except (NoData, TileOutsideBounds):
+                pass
+            except Exception:  # a damaged cell must not stop the server from starting
+                log.exception("warm-up tile of cell %s failed", st.cell_id)
+    log.info("%d warm-up tiles rendered in %.1f s", n, time.perf_counter() - t0)
 
 
 def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
@@ -178,18 +350,30 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Sync routes and dependencies run in anyio's pool; renders have their own (tiles.py).
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.http_threads
         if warm:
-            await asyncio.to_thread(warm_up, app.state.registry)
+            await asyncio.to_thread(warm_up, app.state.registry, settings.render_nice)
+        keep_mapped_under(settings.mapped_mb * 2**20)
         yield
+        app.state.tiles.queue.shutdown()
 
     app = FastAPI(
         lifespan=lifespan,
         title="ClearSky",
         description="Cloud-free Sentinel-2 tiles composited on demand. " + ATTRIBUTION + ".",
         version="0.1.0",
+        responses={
+            414: {"description": "Query string too long.", **ERROR_MODEL},
+            422: {"description": "A parameter is invalid; `detail` names it."},
+        },
     )
     app.state.settings = settings
+    # Render threads run Python between kernels; a 1 ms GIL switch interval (not 5) lets the
+    # event loop answer /health and cached tiles promptly while they do.
+    sys.setswitchinterval(0.001)
     retain_freed_memory()  # tiles reuse freed buffers instead of faulting fresh pages in
+    limit_arenas(2)  # ... and the memory kept is what runs at once, not each thread's peak
     MASK_CACHE.resize(settings.mask_cache_mb * 2**20)
     app.state.registry = Registry(settings.data_dir)
     log.info(
@@ -205,13 +389,20 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
             "docker run -v \"$PWD/data/demo:/data:ro\" ...",
             settings.data_dir,
         )
+    app.state.tile_cache = TileCache(settings.tile_cache_mb * 2**20)
+    app.state.tiles = TileService(
+        app.state.tile_cache,
+        RenderQueue(settings.render_threads, settings.render_queue, settings.render_nice),
+    )
 
-    # Same dependencies for both layers: composite options in, no titiler band/expression ones.
+    # Same dependencies for both layers: composite options in, no titiler band/expression or
+    # rendering ones (their `rescale` would stretch our already rendered 8-bit tiles again).
     common = dict(
         reader_dependency=ViewQuery,
         layer_dependency=NoParams,
         dataset_dependency=NoParams,
         tile_dependency=NoParams,
+        render_dependency=NoParams,
         process_dependency=lambda: None,
         colormap_dependency=lambda: None,
         render_func=render_tile,
@@ -220,17 +411,39 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
         add_preview=False,
         add_part=False,
     )
+    once = [Depends(single_values)]
+    not_found = {404: {"description": "Unknown cell.", **ERROR_MODEL}}
     factory = StackTilerFactory(
         reader=StackReader, path_dependency=cell_stack, router_prefix="/cells/{cell}", **common
     )
-    app.include_router(factory.router, prefix="/cells/{cell}", tags=["cells"])
+    app.include_router(
+        factory.router,
+        prefix="/cells/{cell}",
+        tags=["cells"],
+        dependencies=once,
+        responses=not_found,
+    )
     mosaic = StackTilerFactory(
         name="all", reader=CellsMosaicReader, path_dependency=all_stacks, **common
     )
-    app.include_router(mosaic.router, tags=["all cells"])
-    add_exception_handlers(app, DEFAULT_STATUS_CODES)
+    app.include_router(mosaic.router, tags=["all cells"], dependencies=once)
 
-    @app.get("/cells.geojson", tags=["cells"])
+    @app.exception_handler(TileOutsideBounds)
+    async def outside(request: Request, exc: TileOutsideBounds) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 404)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        # Logged with its traceback; the client gets no path, no stack trace.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal server error (logged)"}, 500)
+
+    @app.get(
+        "/cells.geojson",
+        tags=["cells"],
+        response_class=JSONResponse,
+        responses={200: {"content": {"application/geo+json": {"schema": {"type": "object"}}}}},
+    )
     def cells_geojson(request: Request) -> JSONResponse:
         reg: Registry = request.app.state.registry
         features = []
@@ -249,7 +462,13 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
             {"type": "FeatureCollection", "features": features}, media_type="application/geo+json"
         )
 
-    @app.get("/WMTSCapabilities.xml", tags=["OGC"])
+    @app.get(
+        "/WMTSCapabilities.xml",
+        tags=["OGC"],
+        response_class=Response,
+        responses={200: {"content": {"application/xml": {"schema": {"type": "string"}}}}},
+        dependencies=once,
+    )
     def wmts(request: Request, view: Annotated[ViewQuery, Depends()]) -> Response:
         """WMTS for QGIS/GDAL: one layer over all cells ('all') and one per cell. Query
         parameters (percentile, months, ...) are validated and carried into the tile URLs."""
@@ -291,21 +510,32 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
 
     @app.get("/cells", tags=["cells"])
     def list_cells(request: Request) -> JSONResponse:
+        """Served cells; ``scene_count`` counts the scenes served, ``warnings`` says what was
+        left out (damaged scenes) and why."""
         reg: Registry = request.app.state.registry
         return JSONResponse([cell_summary(s) for s in reg.stacks()])
 
     @app.get("/health", tags=["ops"])
-    def health(request: Request) -> dict:
+    async def health(request: Request) -> dict:
+        """Liveness, answered on the event loop (never queued behind renders); ``warnings``
+        lists cells of the data directory that are not served, and why. Up with nothing to
+        serve says so (the log says where it looked)."""
         reg: Registry = request.app.state.registry
-        if not reg.ids():
-            reg.refresh()  # stacks prefetched or mounted since start-up
-        if not reg.ids():  # up, but nothing to serve: say so (the log says where it looked)
+        q = request.app.state.tiles.queue
+        if not reg.ids():  # a cheap check of the folder, so this stays on the event loop
             return {
                 "status": "no data",
                 "cells": [],
+                "warnings": list(reg.warnings),
                 "message": "no stacks in the data directory: mount or prefetch some",
+                "renders_pending": q.pending,
             }
-        return {"status": "ok", "cells": reg.ids()}
+        return {
+            "status": "ok",
+            "cells": reg.ids(),
+            "warnings": list(reg.warnings),
+            "renders_pending": q.pending,
+        }
 
     static_dir = FsPath(settings.static_dir)
     if static_dir.is_dir():
@@ -321,13 +551,16 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
             return FileResponse(static_dir / "index.html")
 
     @app.get("/metrics", tags=["ops"])
-    def metrics(request: Request) -> dict:
-        cache = getattr(request.app.state, "tile_cache", None)
-        return cache.stats.as_dict(cache.cache) if cache else {}
+    async def metrics(request: Request) -> dict:
+        """Tiles served, cache hits, 304s, renders and their mean time, queue state."""
+        q = request.app.state.tiles.queue
+        return {
+            **request.app.state.tile_cache.as_dict(),
+            "render_threads": q.threads,
+            "render_queue": q.depth,
+            "renders_pending": q.pending,
+        }
 
-    app.add_middleware(
-        TileCacheMiddleware, max_bytes=settings.tile_cache_mb * 2**20, state=app.state
-    )
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     app.add_middleware(
         CORSMiddleware,
@@ -336,4 +569,5 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
         allow_headers=["*"],
         expose_headers=["ETag"],
     )
+    app.add_middleware(RequestGuard, max_query_bytes=MAX_QUERY_BYTES)
     return app

@@ -1,24 +1,25 @@
-"""Tile cache, ETag / 304 and Cache-Control, as a plain ASGI middleware.
+"""The rendered-tile cache (keys, ETags, 304s) and the request guard in front of the app.
 
-A rendered tile is keyed by its path and its canonical (sorted) query string, so every query
-parameter that changes pixels is part of the key. Only 200 responses are stored: an error is
-never served later as if it were a tile. Plain ASGI (not BaseHTTPMiddleware) because a cache hit
-should cost well under a millisecond of Python.
+A tile is keyed by its validated parameters (cell, matrix set, z/x/y, format, size and the
+ViewParams every pixel depends on), never by the raw query string: unknown or repeated
+parameters cannot grow the cache or serve one tile under another's URL. The byte bound counts a
+fixed overhead per entry (key, ETag, bookkeeping) besides the image, so many tiny entries cannot
+outgrow it. Only 200 responses are stored: an error is never served later as if it were a tile.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import threading
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlencode
 
 from cachetools import LRUCache
 
-from tileserver import timing
-
 TILE_MAX_AGE = 3600  # tiles change only when a stack gains scenes or masks
+ENTRY_OVERHEAD = 1024  # bytes per cached tile besides its image: key tuple, ViewParams, ETag, LRU
 
 
 @dataclass
@@ -27,136 +28,123 @@ class Stats:
     hits: int = 0
     not_modified: int = 0
     errors: int = 0
+    rejected: int = 0  # 503: the render queue was full
     render_seconds: float = 0.0
     rendered: int = 0
     started: float = field(default_factory=time.time)
 
-    def as_dict(self, cache: LRUCache) -> dict:
+
+@dataclass(frozen=True)
+class Entry:
+    body: bytes
+    media_type: str
+    etag: str
+
+
+class TileCache:
+    """LRU of rendered tiles bounded in bytes (image + ENTRY_OVERHEAD each); 0 disables it."""
+
+    def __init__(self, max_bytes: int):
+        self.enabled = max_bytes > 0
+        self._lru: LRUCache = LRUCache(
+            maxsize=max(max_bytes, 1), getsizeof=lambda e: len(e.body) + ENTRY_OVERHEAD
+        )
+        self._lock = threading.Lock()
+        self.stats = Stats()
+
+    def get(self, key: Hashable) -> Entry | None:
+        if not self.enabled:
+            return None
+        with self._lock:
+            return self._lru.get(key)
+
+    def put(self, key: Hashable, entry: Entry) -> None:
+        if self.enabled and len(entry.body) + ENTRY_OVERHEAD <= self._lru.maxsize:
+            with self._lock:
+                self._lru[key] = entry
+
+    def as_dict(self) -> dict:
+        s = self.stats
+        with self._lock:
+            size, entries = int(self._lru.currsize), len(self._lru)
         return {
-            "tiles_served": self.tiles,
-            "cache_hits": self.hits,
-            "not_modified": self.not_modified,
-            "errors": self.errors,
-            "tiles_rendered": self.rendered,
-            "mean_render_ms": round(1000 * self.render_seconds / self.rendered, 2)
-            if self.rendered
+            "tiles_served": s.tiles,
+            "cache_hits": s.hits,
+            "not_modified": s.not_modified,
+            "errors": s.errors,
+            "rejected_overload": s.rejected,
+            "tiles_rendered": s.rendered,
+            "mean_render_ms": round(1000 * s.render_seconds / s.rendered, 2)
+            if s.rendered
             else None,
-            "cache_bytes": int(cache.currsize),
-            "cache_max_bytes": int(cache.maxsize),
-            "cache_entries": len(cache),
-            "uptime_s": round(time.time() - self.started, 1),
+            "cache_bytes": size,
+            "cache_max_bytes": int(self._lru.maxsize) if self.enabled else 0,
+            "cache_entries": entries,
+            "uptime_s": round(time.time() - s.started, 1),
         }
 
 
-def _is_tile(path: str) -> bool:
-    return "/tiles/" in path
+def etag_of(body: bytes) -> str:
+    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
 
 
-_RETINA = re.compile(r"^(?P<head>.*/tiles/[^/]+/\d+/\d+/\d+)@(?P<scale>[1-4])x(?P<ext>\.\w+)?$")
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison, as If-None-Match uses: ``W/"x"`` matches ``"x"``; ``*`` any."""
+    if not if_none_match:
+        return False
+    for tag in if_none_match.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag.removeprefix("W/") == etag:
+            return True
+    return False
 
 
-def retina_rewrite(scope: dict) -> dict:
-    """`.../{y}@2x.png` -> `.../{y}.png?tilesize=512` (titiler's routes know tilesize only)."""
-    m = _RETINA.match(scope["path"])
-    if not m:
-        return scope
-    q = scope.get("query_string", b"")
-    size = 256 * int(m["scale"])
-    q = (q + b"&" if q else b"") + f"tilesize={size}".encode()
-    path = m["head"] + (m["ext"] or "")
-    return {**scope, "path": path, "raw_path": path.encode(), "query_string": q}
+_RETINA = re.compile(
+    r"^(?P<head>.*/tiles/[^/]+/[^/]+/[^/]+/[^/@]+)@(?P<scale>[12])x(?P<ext>\.\w+)?$"
+)
 
 
-def canonical_key(path: str, query: bytes) -> str:
-    pairs = sorted(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
-    return path + "?" + urlencode(pairs)
+class RequestGuard:
+    """Plain ASGI middleware in front of everything (cheap: no per-request Python objects):
 
+    - a query string longer than MAX_QUERY_BYTES is a 414 naming the limit;
+    - ``.../{y}@2x.png`` becomes ``.../{y}.png?tilesize=512``;
+    - HEAD is answered as GET without the body, for every GET route (tiles cached or not).
+    """
 
-def etag_of(body: bytes) -> bytes:
-    return b'"' + hashlib.blake2b(body, digest_size=12).hexdigest().encode() + b'"'
-
-
-class TileCacheMiddleware:
-    def __init__(self, app, max_bytes: int, state=None):
+    def __init__(self, app, max_query_bytes: int):
         self.app = app
-        self.cache: LRUCache = LRUCache(maxsize=max(max_bytes, 1), getsizeof=lambda v: len(v[0]))
-        self.enabled = max_bytes > 0
-        self.stats = Stats()
-        if state is not None:
-            state.tile_cache = self  # so /metrics can report it
+        self.max_query = max_query_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if not _is_tile(scope["path"]):
-            return await self.app(scope, receive, send)
-        scope = retina_rewrite(scope)
-        self.stats.tiles += 1
-        key = canonical_key(scope["path"], scope.get("query_string", b""))
-        inm = dict(scope["headers"]).get(b"if-none-match")
-        hit = self.cache.get(key) if self.enabled else None
-        if hit is not None:
-            self.stats.hits += 1
-            body, ctype, etag = hit
-            return await self._reply(send, scope, body, ctype, etag, inm, timing=b"cache;desc=hit")
-
-        t0 = time.perf_counter()
-        stages, token = timing.open_record()
-        captured: dict = {"status": 0, "headers": [], "body": []}
-
-        async def capture(message):
-            if message["type"] == "http.response.start":
-                captured["status"] = message["status"]
-                captured["headers"] = message.get("headers", [])
-            elif message["type"] == "http.response.body":
-                captured["body"].append(message.get("body", b""))
-
-        try:
-            await self.app(scope, receive, capture)
-        finally:
-            timing.close_record(token)
-        body = b"".join(captured["body"])
-        status = captured["status"]
-        if status != 200:
-            self.stats.errors += 1
-            await send(
-                {"type": "http.response.start", "status": status, "headers": captured["headers"]}
+        q = scope.get("query_string", b"")
+        if len(q) > self.max_query:
+            return await _json(
+                send,
+                414,
+                b'{"detail":"query string too long: %d bytes, at most %d"}'
+                % (len(q), self.max_query),
             )
-            await send({"type": "http.response.body", "body": body})
-            return
-        self.stats.rendered += 1
-        elapsed = time.perf_counter() - t0
-        self.stats.render_seconds += elapsed
-        ctype = dict(captured["headers"]).get(b"content-type", b"application/octet-stream")
-        if ctype == b"image/jpg":  # titiler's name; the registered media type is image/jpeg
-            ctype = b"image/jpeg"
-        etag = etag_of(body)
-        if self.enabled:  # the event loop is the only thread touching the cache
-            self.cache[key] = (body, ctype, etag)
-        await self._reply(
-            send, scope, body, ctype, etag, inm, captured["headers"], timing.header(stages, elapsed)
-        )
+        m = _RETINA.match(scope["path"])
+        if m:
+            size = 256 * int(m["scale"])
+            q = (q + b"&" if q else b"") + f"tilesize={size}".encode()
+            path = m["head"] + (m["ext"] or "")
+            scope = {**scope, "path": path, "raw_path": path.encode(), "query_string": q}
+        if scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
 
-    async def _reply(self, send, scope, body, ctype, etag, inm, extra=(), timing=b""):
-        headers = [
-            (k, v)
-            for k, v in extra
-            if k.lower() not in (b"content-length", b"content-type", b"etag", b"cache-control")
-        ]
-        headers += [
-            (b"content-type", ctype),
-            (b"etag", etag),
-            (b"cache-control", f"public, max-age={TILE_MAX_AGE}".encode()),
-        ]
-        if timing:  # stage times for the browser's network panel, readable from any origin
-            headers += [(b"server-timing", timing), (b"timing-allow-origin", b"*")]
-        if inm is not None and etag in [t.strip() for t in inm.split(b",")]:
-            self.stats.not_modified += 1
-            await send({"type": "http.response.start", "status": 304, "headers": headers})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send(
-            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
-        )
+        async def no_body(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        return await self.app({**scope, "method": "GET"}, receive, no_body)
+
+
+async def _json(send, status: int, body: bytes) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
