@@ -473,7 +473,7 @@ def train(
     scl_share: Annotated[
         float,
         typer.Option(min=0, max=1, help="Among labelled patches, the share labelled by SCL"),
-    ] = 0.5,
+    ] = 0.6,
     features: Annotated[str, typer.Option(help="Model input: linear+log | linear")] = (
         "linear+log"
     ),

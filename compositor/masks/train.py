@@ -62,7 +62,7 @@ class TrainConfig:
     real_share: float = 0.35
     procedural_share: float = 0.45
     synthetic_share: float = 0.2
-    scl_share: float = 0.5  # among labelled patches: share from SCL-labelled (vs truth) scenes
+    scl_share: float = 0.6  # among labelled patches: share from SCL-labelled (vs truth) scenes
     pixel_sizes: tuple[float, ...] = (10, 20, 30, 60, 100, 200, 500)
     pixel_weights: tuple[float, ...] = (0.25, 0.33, 0.08, 0.16, 0.08, 0.06, 0.04)
     val_fraction: float = 0.15
