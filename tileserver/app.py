@@ -321,6 +321,7 @@ def warm_up(registry: Registry, render_nice: int = 0) -> None:
                 (native, ViewParams(mask="segformer"), None),
                 (native - 1, ViewParams(mask="segformer"), None),
                 (native, ViewParams(mask="none"), None),
+                (native, ViewParams(mask="scl"), None),
                 (native, ViewParams(hillshade=0.5), None),
                 (native, ViewParams(layer="count"), None),
                 (native, ViewParams(), TileFormat.jpg),
