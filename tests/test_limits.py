@@ -76,7 +76,7 @@ def test_cache_key_is_the_validated_parameters(server, tile):
     assert first.status_code == 200
     entries = _metrics(server)["cache_entries"]
     # the same tile spelt differently, and with junk parameters: one entry, served as a hit
-    for q in ("percentile=33.0", "percentile=33&junk=" + "x" * 1500, "mask=scl&percentile=33"):
+    for q in ("percentile=33.0", "percentile=33&junk=" + "x" * 1500, "mask=auto&percentile=33"):
         r = httpx.get(f"{tile}.png?{q}")
         assert r.status_code == 200 and r.headers["server-timing"] == "cache;desc=hit", q
         assert r.content == first.content

@@ -81,7 +81,7 @@ def render_tile(
     fmt = (output_format or ImageType.png).value
     if fmt in ("png", "jpg", "jpeg", "webp") and kwargs.get("add_mask", True):
         valid = ~np.ma.getmaskarray(image.array)[0]
-        media = "image/png" if fmt == "png" else (output_format or ImageType.png).mediatype
+        media = {"png": "image/png", "webp": "image/webp"}.get(fmt, "image/jpeg")
         out = encode_tile(np.asarray(image.array.data), valid, fmt), media
     else:
         body, media = render_image(image, output_format=output_format, **kwargs)
