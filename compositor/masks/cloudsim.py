@@ -18,9 +18,9 @@ the real one, not one landscape's. Physics, per band b (B02, B03, B04, B08):
   transmittance), and smooth haze. Haze is *clear*: it is spatially smooth, clouds are not.
 - Sensor: blur (MTF), noise, gaps of no data (label ignore).
 
-Labels: cloud where the cloud adds >= 0.035 reflectance (what an analyst sees as thin cloud) or
-its optical thickness (taken over ~150 m) is >= 1;
-shadow where the ground gets less than 75 % of its light (NIR) and no cloud is seen; else clear.
+Labels: cloud where its optical thickness (taken over ~150 m) is >= 0.8, so that it washes out the
+ground's detail, or it adds >= 0.06 reflectance; shadow where the ground gets less than 60 % of
+its light (NIR) and no cloud is seen; else clear.
 Everything is batched torch and runs on CPU or GPU, deterministic for a given generator.
 """
 
@@ -35,9 +35,12 @@ import torch.nn.functional as F
 from compositor.masks.scl import CLEAR, CLOUD, IGNORE, SHADOW
 
 WAVELENGTH_UM = (0.492, 0.560, 0.665, 0.833)  # B02, B03, B04, B08 centres
-CLOUD_LABEL_REFLECTANCE = 0.035  # cloud visible above this added reflectance (blue)
-CLOUD_LABEL_TAU = 1.0  # or optically this thick (tau), taken over ~150 m as an analyst outlines
-SHADOW_LABEL_LIGHT = 0.75  # shadow where the ground gets less than this of its light (NIR)
+# Cloud where it washes the ground out (optical thickness >= 0.8: under half the light crosses
+# unscattered, the surface's detail is lost), taken over ~150 m as an analyst outlines it, or
+# where it is bright (>= 0.06 added); a faint veil over a sharp surface is haze, not cloud.
+CLOUD_LABEL_TAU = 0.8
+CLOUD_LABEL_REFLECTANCE = 0.06
+SHADOW_LABEL_LIGHT = 0.6  # shadow where the ground gets less than this of its light (NIR)
 TWO_STREAM_A = 0.14  # 1 - asymmetry factor g (water cloud, g ~ 0.86)
 
 
