@@ -5,13 +5,18 @@ The stack holds every look of the pixel, and a clear surface changes slowly comp
 cloud (brighter in blue) or a shadow (darker in NIR) does to it, so (as MAJA and Tmask do):
 
 1. The pixel's clear reference starts from the looks the single-scene mask calls clear
-   (undilated). Only they can be vetoed: a look the mask drops stays dropped.
+   (undilated), plus its "soft" verdicts (SCL's shadow class) where those are the majority:
+   Sen2Cor calls dark water and terrain shadow, and then the missed thin clouds would be the
+   only reference. Only clear looks can be vetoed: a look the mask drops stays dropped.
 2. Twice: reference NIR = median NIR of the kept looks; reference blue = 25th percentile of
    their blue, leaving out NIR-dark ones; the kept looks are those within a tolerance of the
    reference: blue not above it by more than ``BLUE_DN + BLUE_REL * ref`` (cloud), and not
    both NIR below ``(1 - NIR_DROP) * ref`` and blue below ``(1 - BLUE_DROP) *`` the median
    clear blue (shadow: darker in every band; a season's falling NIR alone is not a shadow).
 3. Looks not kept are excluded (STRICT and LOOSE bits) on top of the single-scene mask.
+4. Looks given back: one dropped only by the dilation within ``RESTORE_DN + RESTORE_REL * ref``
+   of the blue reference and not dark; a soft verdict whose look is within that and at least
+   ``SOFT_KEEP`` x the pixel's median NIR and blue.
 
 Computed at the mask level (20 m for a 10 m window) with the masks, and cached with them.
 """
@@ -30,6 +35,14 @@ BLUE_DROP = 0.1  # (1 - BLUE_DROP) x the median clear blue: shadow (shadows dark
 # a crop or forest whose NIR falls with the season does not, and must not be called shadow)
 NIR_REF_KEEP = 0.7  # looks below this x the reference NIR do not set the blue reference
 ROUNDS = 2
+# A look dropped only by the dilation is given back when it sits this close to the clear
+# reference (blue within RESTORE_DN + RESTORE_REL x ref, NIR not low): the dilation is a guess
+# about cloud edges, the time series a measurement. Rare clear looks next to clouds survive.
+RESTORE_DN = 100.0
+RESTORE_REL = 0.05
+# A soft verdict (SCL's shadow class) is overturned only for a look at least this x the
+# pixel's median clear NIR and blue: a shadow's penumbra must not come back.
+SOFT_KEEP = 0.9
 
 
 @njit(cache=True, nogil=True)
@@ -77,6 +90,8 @@ def _quantile(a, n, q):  # pragma: no cover - compiled
 @njit(parallel=True, cache=True, nogil=True)
 def _veto(
     bits,
+    soft,
+    has_soft,
     blue,
     nir,
     gain_b,
@@ -88,6 +103,9 @@ def _veto(
     blue_drop,
     ref_keep,
     rounds,
+    restore_dn,
+    restore_rel,
+    soft_keep,
     out,
 ):
     # pragma: no cover - compiled
@@ -104,16 +122,21 @@ def _veto(
         nn = np.empty((W, T), np.float32)
         sb = np.empty((W, T), np.float32)  # blue and NIR over the look's scene-wide level
         sn = np.empty((W, T), np.float32)
+        dil = np.empty((W, T), np.bool_)  # dropped by the dilation only
+        sft = np.empty((W, T), np.bool_)  # a soft verdict the series may overturn
         for t in range(T):
             for x in range(W):
                 out[t, y, x] = 0
-                if (bits[t, y, x] & 2) == 0 and blue[t, y, x] != nodata:  # 2 = LOOSE
+                s_ = has_soft and soft[t, y, x] != 0
+                if ((bits[t, y, x] & 2) == 0 or s_) and blue[t, y, x] != nodata:  # 2 = LOOSE
                     c = cnt[x]
                     idx[x, c] = t
                     bb[x, c] = blue[t, y, x]
                     nn[x, c] = nir[t, y, x]
                     sb[x, c] = blue[t, y, x] / gain_b[t]
                     sn[x, c] = nir[t, y, x] / gain_n[t]
+                    dil[x, c] = (bits[t, y, x] & 1) != 0
+                    sft[x, c] = s_
                     cnt[x] = c + 1
         tmp = np.empty(T, np.float32)
         keep = np.empty(T, np.bool_)
@@ -128,20 +151,31 @@ def _veto(
             for i in range(nc):
                 keep[i] = True
             for _ in range(rounds):
-                k = 0
+                # The reference comes from the firm looks (not soft ones, which may be
+                # shadows) when there are enough of them.
+                firm = 0
+                nsoft = 0
                 for i in range(nc):
                     if keep[i]:
+                        if sft[x, i]:
+                            nsoft += 1
+                        else:
+                            firm += 1
+                use_all = firm < 3 or nsoft > firm
+                k = 0
+                for i in range(nc):
+                    if keep[i] and (use_all or not sft[x, i]):
                         tmp[k] = n[i]
                         k += 1
                 nref = _quantile(tmp, k, 0.5)
                 k = 0
                 for i in range(nc):
-                    if keep[i] and n[i] >= ref_keep * nref:
+                    if keep[i] and (use_all or not sft[x, i]) and n[i] >= ref_keep * nref:
                         tmp[k] = b[i]
                         k += 1
                 if k == 0:
                     for i in range(nc):
-                        if keep[i]:
+                        if keep[i] and (use_all or not sft[x, i]):
                             tmp[k] = b[i]
                             k += 1
                 bref = _quantile(tmp, k, 0.25)
@@ -150,16 +184,18 @@ def _veto(
                 # season or a processing version that darkens the whole scene is not a shadow.
                 k = 0
                 for i in range(nc):
-                    if keep[i]:
+                    if keep[i] and (use_all or not sft[x, i]):
                         tmp[k] = nnn[i]
                         k += 1
-                lo_n = (1 - nir_drop) * _quantile(tmp, k, 0.5)
+                med_n = _quantile(tmp, k, 0.5)
+                lo_n = (1 - nir_drop) * med_n
                 k = 0
                 for i in range(nc):
-                    if keep[i]:
+                    if keep[i] and (use_all or not sft[x, i]):
                         tmp[k] = nb[i]
                         k += 1
-                lo_b = (1 - blue_drop) * _quantile(tmp, k, 0.5)
+                med_b = _quantile(tmp, k, 0.5)
+                lo_b = (1 - blue_drop) * med_b
                 nk = 0
                 for i in range(nc):
                     if b[i] <= hi_b and (nnn[i] >= lo_n or nb[i] >= lo_b):
@@ -168,9 +204,20 @@ def _veto(
                     break
                 for i in range(nc):
                     keep[i] = b[i] <= hi_b and (nnn[i] >= lo_n or nb[i] >= lo_b)
+            near_b = bref + restore_dn + restore_rel * bref
             for i in range(nc):
-                if not keep[i]:
+                if sft[x, i]:
+                    if (
+                        keep[i]
+                        and b[i] <= near_b
+                        and nnn[i] >= soft_keep * med_n
+                        and nb[i] >= soft_keep * med_b
+                    ):
+                        out[idx[x, i], y, x] = 24  # overturned: clear STRICT and LOOSE
+                elif not keep[i]:
                     out[idx[x, i], y, x] = 3  # STRICT | LOOSE
+                elif dil[x, i] and b[i] <= near_b and nnn[i] >= lo_n:
+                    out[idx[x, i], y, x] = 8  # restore: clear STRICT
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -214,6 +261,8 @@ def temporal_veto(
     blue_rel: float = BLUE_REL,
     nir_drop: float = NIR_DROP,
     levels: tuple[np.ndarray, np.ndarray] | None = None,
+    restore: bool = True,
+    soft: np.ndarray | None = None,
 ) -> np.ndarray:
     """Add the temporal test to packed mask ``bits`` (uint8 (T, H, W): STRICT, LOOSE, ...):
     looks inconsistent with the pixel's clear reference get STRICT | LOOSE. ``blue``, ``nir``:
@@ -225,8 +274,16 @@ def temporal_veto(
         raise ValueError(f"shapes differ: bits {bits.shape}, blue {blue.shape}, nir {nir.shape}")
     bits, blue, nir = (np.ascontiguousarray(a) for a in (bits, blue, nir))
     extra = np.empty(bits.shape, np.uint8)
+    has_soft = soft is not None
+    if has_soft and soft.shape != bits.shape:
+        raise ValueError(f"shapes differ: bits {bits.shape}, soft {soft.shape}")
+    soft_ = (
+        np.ascontiguousarray(soft, dtype=np.uint8) if has_soft else np.zeros((1, 1, 1), np.uint8)
+    )
     _veto(
         bits,
+        soft_,
+        has_soft,
         blue,
         nir,
         *(levels or (scene_levels(bits, blue, nodata), scene_levels(bits, nir, nodata))),
@@ -237,6 +294,12 @@ def temporal_veto(
         np.float32(BLUE_DROP),
         np.float32(NIR_REF_KEEP),
         ROUNDS,
+        np.float32(RESTORE_DN if restore else -1e9),
+        np.float32(RESTORE_REL),
+        np.float32(SOFT_KEEP),
         extra,
     )
-    return bits | extra
+    # 3: vetoed (STRICT | LOOSE added); 8: dropped by the dilation only and given back;
+    # 24: a soft verdict overturned (STRICT and LOOSE cleared).
+    clear = ((extra >> 3) & STRICT) | ((extra >> 3) & LOOSE)
+    return (bits | (extra & 3)) & ~clear.astype(np.uint8)

@@ -26,6 +26,7 @@ from compositor.composite import (
     LOOSE,
     MASK_METHODS,
     SCL_BADNESS,
+    SCL_SHADOW,
     CompositeResult,
     composite_source,
     mark_least_cloudy,
@@ -362,7 +363,10 @@ def _coarse_masks(
     if temporal:
         levels = look_levels(stack, indices, method, params.cloud_threshold)
         blue, nir = data["temporal"][:, 0], data["temporal"][:, 1]
-        bits = temporal_veto(bits, blue, nir, stack.nodata, levels=levels)
+        # SCL's cloud shadow class is a weak verdict (Sen2Cor calls dark water and terrain
+        # shadow): the time series may overturn it; the model's shadow calls it keeps.
+        soft = np.isin(data["scl"], SCL_SHADOW) if method == "scl" else None
+        bits = temporal_veto(bits, blue, nir, stack.nodata, levels=levels, soft=soft)
         clock.lap("temporal")
     return bits, (r0 - mr0 * f, c0 - mc0 * f), fallbacks
 

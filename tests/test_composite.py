@@ -208,6 +208,37 @@ def test_temporal_test_drops_bright_and_dark_outliers_only():
     assert (out[5] & LOOSE).all()  # also out of the fallback's looser mask
 
 
+def test_temporal_test_gives_back_looks_the_series_vouches_for():
+    """Dilation drops a clear look next to a cloud: given back when it matches the pixel's clear
+    state, not when it is a little brighter (a cloud edge). SCL's shadow class over dark water
+    (most looks, the rest thin cloud it missed) is overturned, so the reference is the water and
+    the missed clouds go; a real shadow (darker still) stays masked."""
+    from compositor.composite import LOOSE, STRICT
+    from compositor.temporal import temporal_veto
+
+    T = 8
+    blue = np.full((T, 1, 2), 400, np.uint16)
+    nir = np.full((T, 1, 2), 3000, np.uint16)
+    bits = np.zeros((T, 1, 2), np.uint8)
+    bits[0, 0, 0] = STRICT  # dilated, matches: given back
+    bits[1, 0, 0] = STRICT  # dilated, a faint edge (+200 in blue): stays dropped
+    blue[1, 0, 0] = 600
+    # Pixel 1: dark water that SCL calls shadow in looks 0-4, thin cloud it calls clear in 5-7,
+    # and look 4 a real shadow on the water.
+    blue[:, 0, 1], nir[:, 0, 1] = 450, 130
+    blue[5:, 0, 1], nir[5:, 0, 1] = (1000, 1300, 1500), (600, 800, 900)
+    blue[4, 0, 1], nir[4, 0, 1] = 220, 50
+    soft = np.zeros((T, 1, 2), np.uint8)
+    soft[:5, 0, 1] = 1
+    bits[:5, 0, 1] = STRICT | LOOSE
+    out = temporal_veto(bits, blue, nir, soft=soft)
+    assert out[0, 0, 0] == 0 and out[1, 0, 0] & STRICT
+    assert [t for t in range(T) if not out[t, 0, 1] & STRICT] == [0, 1, 2, 3]
+    assert (out[5:, 0, 1] & LOOSE).all()
+    # Without the soft verdicts the missed clouds are the pixel's only clear looks: kept.
+    assert not (temporal_veto(bits, blue, nir)[5:, 0, 1] & STRICT).any()
+
+
 def test_temporal_test_ignores_scene_wide_darkening():
     """Half the dates are 30 % darker everywhere (another processing version or season): not
     shadows. A local dark spot in one of them is."""
