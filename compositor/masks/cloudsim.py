@@ -48,7 +48,7 @@ TWO_STREAM_A = 0.14  # 1 - asymmetry factor g (water cloud, g ~ 0.86)
 class SkyConfig:
     """Probabilities of the scenarios drawn per patch (they need not sum to 1: normalised)."""
 
-    clear: float = 0.12
+    clear: float = 0.3  # a clear patch of bright soil or snow must not look like a deck
     cumulus: float = 0.34
     stratus: float = 0.14
     overcast: float = 0.16
