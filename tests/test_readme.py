@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import morecantile
-import pytest
 from typer.main import get_command
 
 from compositor.cli import app
@@ -117,9 +116,10 @@ def test_readme_urls_answer_on_a_real_server(server: str):
     for path in _urls():
         if "/embed#" in path:
             continue  # the next test
-        cell = next((c for c in cells if f"/cells/{c}/" in path), "49NDB")
+        m = re.search(r"/cells/([^/]+)/", path)
+        cell = m.group(1) if m else "49NDB"
         if cell not in cells:
-            pytest.skip(f"the test data has no {cell} (../shared/data absent)")
+            continue  # the test data has no such cell (../shared/data absent)
         lon, lat = cells[cell]["center"]
         t = TMS.tile(lon, lat, 14)
         url = path.replace("{z}", str(t.z)).replace("{x}", str(t.x)).replace("{y}", str(t.y))
