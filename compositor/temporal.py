@@ -87,6 +87,17 @@ def _quantile(a, n, q):  # pragma: no cover - compiled
     return v + (nxt - v) * (pos - lo)
 
 
+@njit(cache=True, nogil=True)
+def _quantile_where(vals, sel, n, q, tmp):  # pragma: no cover - compiled
+    """Quantile q of vals[i] for i < n where sel[i] (gathered into tmp, in order)."""
+    k = 0
+    for i in range(n):
+        if sel[i]:
+            tmp[k] = vals[i]
+            k += 1
+    return _quantile(tmp, k, q)
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _veto(
     bits,
@@ -140,6 +151,8 @@ def _veto(
                     cnt[x] = c + 1
         tmp = np.empty(T, np.float32)
         keep = np.empty(T, np.bool_)
+        ref = np.empty(T, np.bool_)  # the looks the reference is taken from
+        lit = np.empty(T, np.bool_)  # reference looks not NIR-dark: the blue reference
         for x in range(W):
             nc = cnt[x]
             if nc < 2:
@@ -162,39 +175,18 @@ def _veto(
                         else:
                             firm += 1
                 use_all = firm < 3 or nsoft > firm
-                k = 0
                 for i in range(nc):
-                    if keep[i] and (use_all or not sft[x, i]):
-                        tmp[k] = n[i]
-                        k += 1
-                nref = _quantile(tmp, k, 0.5)
-                k = 0
+                    ref[i] = keep[i] and (use_all or not sft[x, i])
+                nref = _quantile_where(n, ref, nc, 0.5, tmp)
                 for i in range(nc):
-                    if keep[i] and (use_all or not sft[x, i]) and n[i] >= ref_keep * nref:
-                        tmp[k] = b[i]
-                        k += 1
-                if k == 0:
-                    for i in range(nc):
-                        if keep[i] and (use_all or not sft[x, i]):
-                            tmp[k] = b[i]
-                            k += 1
-                bref = _quantile(tmp, k, 0.25)
+                    lit[i] = ref[i] and n[i] >= ref_keep * nref
+                bref = _quantile_where(b, lit if lit[:nc].any() else ref, nc, 0.25, tmp)
                 hi_b = bref + blue_dn + blue_rel * bref
                 # The shadow test compares each look relative to its own scene-wide level, so a
                 # season or a processing version that darkens the whole scene is not a shadow.
-                k = 0
-                for i in range(nc):
-                    if keep[i] and (use_all or not sft[x, i]):
-                        tmp[k] = nnn[i]
-                        k += 1
-                med_n = _quantile(tmp, k, 0.5)
+                med_n = _quantile_where(nnn, ref, nc, 0.5, tmp)
                 lo_n = (1 - nir_drop) * med_n
-                k = 0
-                for i in range(nc):
-                    if keep[i] and (use_all or not sft[x, i]):
-                        tmp[k] = nb[i]
-                        k += 1
-                med_b = _quantile(tmp, k, 0.5)
+                med_b = _quantile_where(nb, ref, nc, 0.5, tmp)
                 lo_b = (1 - blue_drop) * med_b
                 nk = 0
                 for i in range(nc):
@@ -261,7 +253,6 @@ def temporal_veto(
     blue_rel: float = BLUE_REL,
     nir_drop: float = NIR_DROP,
     levels: tuple[np.ndarray, np.ndarray] | None = None,
-    restore: bool = True,
     soft: np.ndarray | None = None,
 ) -> np.ndarray:
     """Add the temporal test to packed mask ``bits`` (uint8 (T, H, W): STRICT, LOOSE, ...):
@@ -294,7 +285,7 @@ def temporal_veto(
         np.float32(BLUE_DROP),
         np.float32(NIR_REF_KEEP),
         ROUNDS,
-        np.float32(RESTORE_DN if restore else -1e9),
+        np.float32(RESTORE_DN),
         np.float32(RESTORE_REL),
         np.float32(SOFT_KEEP),
         extra,
