@@ -6,15 +6,12 @@ ClearSky" link, and nothing may error in either frame."""
 from __future__ import annotations
 
 import html
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import static_server
 from test_viewer import ARGS, CHROMIUM, TILE_PIXELS_JS, _ignored
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is absent")
@@ -56,36 +53,8 @@ def blog_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def blog(blog_dir: Path) -> Iterator[str]:
     """A plain static site on another port (so another origin) than the tile server."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "http.server",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            str(blog_dir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.HTTPError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the blog's http.server did not start") from None
-                time.sleep(0.1)
+    with static_server(blog_dir) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def record_errors(page: sync_api.Page) -> list[str]:

@@ -21,7 +21,7 @@ import morecantile
 import numpy as np
 import pytest
 from affine import Affine
-from conftest import free_port, serve
+from conftest import free_port, serve, static_server
 from PIL import Image
 
 from compositor.demo import SYNTH_CELL
@@ -470,31 +470,7 @@ def test_xyz_folder_works_without_range_support(demo_dir, tmp_path, browser):
     assert r.returncode == 0, r.stderr[-3000:]
     assert not list(out.glob("*.pmtiles"))
     assert list((out / "tiles").glob("14/*/*.webp"))
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "http.server",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            str(out),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    origin = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(origin, timeout=1)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.1)
+    with static_server(out) as origin:
         page, problems, requests = open_confined(browser, origin, f"{origin}/index.html")
         check_map(page)
         page.evaluate("() => window.clearskyExport.map.zoomIn()")
@@ -502,6 +478,3 @@ def test_xyz_folder_works_without_range_support(demo_dir, tmp_path, browser):
         page.context.close()
         assert not problems, "\n".join(problems)  # no 404: every tile asked for is there
         assert any("/tiles/14/" in u and u.endswith(".webp") for u in requests)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
