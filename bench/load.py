@@ -131,11 +131,12 @@ def health_probe(base: str, seconds: float, out) -> None:
     out.put(res)
 
 
-async def rss_loop(proc: psutil.Process, end: float, out: list, anon: list) -> None:
+async def rss_loop(proc: psutil.Process, end: float, out: list, anon: list, file: list) -> None:
     while time.monotonic() < end:
         m = proc.memory_info()
         out.append(m.rss)
-        anon.append(m.rss - m.shared)  # less file-backed pages (mapped shards, libraries)
+        anon.append(m.rss - m.shared)  # less file-backed pages (libraries)
+        file.append(m.shared)
         await asyncio.sleep(1.0)
 
 
@@ -144,11 +145,12 @@ async def one_round(base, mix, proc, clients, seconds, budget) -> dict:
     results: list = []
     rss: list = [proc.memory_info().rss]
     anon: list = []
+    file: list = []
     q = mp.Queue()
     prober = mp.Process(target=health_probe, args=(base, seconds, q))
     prober.start()
     await asyncio.gather(
-        rss_loop(proc, end, rss, anon),
+        rss_loop(proc, end, rss, anon, file),
         *(client_loop(base, mix, end, budget, results) for _ in range(clients)),
     )
     rss.append(proc.memory_info().rss)
@@ -167,6 +169,7 @@ async def one_round(base, mix, proc, clients, seconds, budget) -> dict:
         "rss_peak_mb": max(rss) / 2**20,
         "rss_end_mb": rss[-1] / 2**20,
         "anon_peak_mb": max(anon) / 2**20,
+        "file_peak_mb": max(file) / 2**20,
         "health_worst_ms": max(t for _, t in health) * 1000 if health else None,
         "health_failed": sum(1 for ok, _ in health if not ok),
     }
@@ -217,20 +220,23 @@ def main() -> None:
     )
     print(
         f"{'round':>5} {'requests':>8} {'errors':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-        f"{'RSS start':>9} {'peak':>6} {'end MB':>6} {'anon peak':>9} {'/health worst ms':>16}  "
+        f"{'RSS start':>9} {'peak':>6} {'end MB':>6} {'anon peak':>9} {'file peak':>9} "
+        f"{'/health worst ms':>16}  "
         "statuses"
     )
     for i, r in enumerate(rounds, 1):
         print(
             f"{i:>5} {r['requests']:>8} {r['errors']:>7} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
             f"{r['p99_ms']:>8.1f} {r['rss_start_mb']:>9.0f} {r['rss_peak_mb']:>6.0f} "
-            f"{r['rss_end_mb']:>6.0f} {r['anon_peak_mb']:>9.0f} {r['health_worst_ms']:>16.1f}  "
+            f"{r['rss_end_mb']:>6.0f} {r['anon_peak_mb']:>9.0f} {r['file_peak_mb']:>9.0f} "
+            f"{r['health_worst_ms']:>16.1f}  "
             f"{r['status']}"
         )
     print(
         f"server: {metrics['tiles_rendered']} rendered, {metrics['cache_hits']} cache hits, "
         f"{metrics['rejected_overload']} shed (503), cache {metrics['cache_bytes'] / 2**20:.0f} "
-        f"of {metrics['cache_max_bytes'] / 2**20:.0f} MB"
+        f"of {metrics['cache_max_bytes'] / 2**20:.0f} MB; heap bound enforced "
+        f"{metrics.get('heap_trims', 0)} x"
     )
     if args.json:
         print(json.dumps({"load": res}))

@@ -48,3 +48,37 @@ def retain_freed_memory() -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     _done = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _done
+
+
+_RSS_ANON = b"RssAnon:"
+
+
+def heap_resident() -> int:
+    """Bytes of anonymous memory resident in this process (the malloc heap, numpy buffers,
+    caches; not mapped files). 0 where /proc cannot tell."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(_RSS_ANON):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
+def trim_heap(limit_bytes: int) -> bool:
+    """If more than ``limit_bytes`` of anonymous memory are resident, hand malloc's free pages
+    back to the kernel (glibc ``malloc_trim``: every arena, holes in the middle too). Freed
+    memory is kept for reuse (:func:`retain_freed_memory`) only up to this bound, so the
+    process's heap follows the settings instead of the peak fragmentation of its history.
+    True if it trimmed."""
+    if heap_resident() <= limit_bytes:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        malloc_trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    malloc_trim(0)
+    return True

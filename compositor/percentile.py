@@ -368,7 +368,7 @@ def _kernel(
 @dataclass
 class Source:
     """Where the kernel finds observation (t, band, y, x) of a (T, B, H, W) uint16 window,
-    so that it reads the data in place (a memory-mapped store) instead of a copy.
+    so that it reads the data where the reader put it (chunk by chunk) instead of a copy.
 
     The window's pixels lie in chunks of ``chunk`` = (height, width) pixels; chunk (cy, cx) of
     scene t starts at byte address ``addr[t, cy, cx]`` and holds the bands as planes

@@ -71,7 +71,7 @@ OFFSET_START = dt.date(2022, 1, 25)  # first day of baseline 04.00, for items th
 OFFSET_CHECK_DN = 800
 OFFSET_CHECK_SHARE = 0.02
 # Stored bytes / raw bytes of a stack's scene shards, for the disk estimate. The Stack keeps
-# scene shards uncompressed (memory-mapped tile reads), so 1.0; bench/prefetch.py measures it.
+# scene shards uncompressed (tiles read just their window), so 1.0; bench/prefetch.py measures it.
 STACK_COMPRESSION = 1.0
 
 # GDAL settings for cloud-optimised GeoTIFFs over HTTP: open without listing the "directory"

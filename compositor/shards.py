@@ -1,38 +1,46 @@
-"""Reading the scene shards of a local Stack: memory maps, checked, that may shrink safely.
+"""Reading the scene shards of a local Stack with positioned reads (pread) of just the window.
 
 A shard (Zarr v3 sharding, index at the end) holds one scene at one level as uncompressed
-256 x 256 inner chunks, so a chunk is a fixed-size run of bytes at an offset the index gives.
-Each shard is memory-mapped once; the percentile kernel reads a tile's observations in place
-(a table of chunk addresses) and other reads copy just their window, in one compiled call per
-scene: no copy of a tile's ~40 MB of observations, no per-chunk Python.
+256 x 256 inner chunks, so a chunk is a fixed-size run of bytes at an offset the index gives, and
+a window of it is a few runs of whole chunk rows. They are read with pread, in one compiled,
+parallel call per window (no GIL, no per-chunk Python), into buffers laid out as the percentile
+kernel reads them (a table of chunk addresses, compositor/percentile.py).
 
-Before a shard is mapped its index is read and checked (CRC32C; every entry whole and inside the
-file): a damaged file never makes a compiled reader touch memory past its mapping. A file that
-shrinks after it was mapped (truncated by another process, a failing disk) would raise SIGBUS at
-the next touch of a lost page and kill the process; compositor/sigbus.py turns that into pages of
-zeros and a count, :meth:`ShardReader.shrunk` then finds the file, and its scene is left out.
+Why not memory maps: on current kernels (6.18 here, ext4 with large folios) touching one byte
+of a mapped file maps its whole page-cache folio, up to 2 MB: one 256 px tile of a 100-scene
+stack mapped ~0.85-1.5 GB of shard pages into the process for ~40-80 MB of pixels. Reads copy
+only what the window needs, the process's memory is its own (bounded by compositor/memory.py),
+and a file that shrinks while in use gives a short read (that scene is left out), not SIGBUS.
+
+Before a shard is first read its index is read and checked (CRC32C; every entry whole and inside
+the file). Open files are kept (an LRU of descriptors, closed when no read holds them).
 """
 
 from __future__ import annotations
 
-import mmap
 import os
+import resource
 import stat
 import threading
-import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
-from numba import njit
+from numba import njit, prange, types
 
-from compositor import sigbus
 from compositor.percentile import Source
 
 _ABSENT = 2**64 - 1  # index entry of a chunk never written (Zarr v3 sharding)
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # a FIFO never blocks
+
+# libc's pread, linked by name (so the compiled readers can be cached); the buffer address goes
+# in as an integer, as the ABI passes a pointer.
+_pread = types.ExternalFunction(
+    "pread", types.intp(types.intc, types.uintp, types.uintp, types.int64)
+)
 
 
 class ShardDamaged(Exception):
@@ -49,29 +57,75 @@ class ShardIndex:
     offsets: np.ndarray  # int64 (gy, gx): byte offset of each inner chunk, -1 = never written
 
 
-@njit(cache=True, nogil=True)
-def _copy_scene(data, offs, bands, chunk, box, fill, dst):  # pragma: no cover - compiled
-    """Copy window ``box`` (rows rr0:rr1, cols cc0:cc1) of one scene shard into dst (B', h, w).
+@njit(nogil=True, cache=True)
+def _pread_all(fd, addr, n, off):  # pragma: no cover - compiled
+    """pread until n bytes came; False on end of file (the shard shrank) or an I/O error."""
+    done = 0
+    while done < n:
+        r = _pread(fd, addr + done, n - done, off + done)
+        if r <= 0:
+            return False
+        done += r
+    return True
 
-    ``data`` is the shard as a flat typed array, ``offs`` (gy, gx) the item offset of each
-    inner chunk (-1: absent, written as ``fill``), ``bands`` the leading-axis planes to copy.
-    Row slices, not element loops: LLVM turns them into memcpy (2x faster measured)."""
-    rr0, rr1, cc0, cc1 = box
-    plane = chunk * chunk
-    for cy in range(rr0 // chunk, (rr1 - 1) // chunk + 1):
-        y0, y1 = max(rr0, cy * chunk), min(rr1, (cy + 1) * chunk)
-        for cx in range(cc0 // chunk, (cc1 - 1) // chunk + 1):
-            x0, x1 = max(cc0, cx * chunk), min(cc1, (cx + 1) * chunk)
-            off = offs[cy, cx]
-            if off < 0:
-                dst[:, y0 - rr0 : y1 - rr0, x0 - cc0 : x1 - cc0] = fill
-                continue
-            n = x1 - x0
-            for j in range(bands.shape[0]):
-                base = off + bands[j] * plane
-                for y in range(y0, y1):
-                    s0 = base + (y - cy * chunk) * chunk + x0 - cx * chunk
-                    dst[j, y - rr0, x0 - cc0 : x1 - cc0] = data[s0 : s0 + n]
+
+@njit(parallel=True, nogil=True, cache=True)
+def _read_slots(fds, offs, planes, lo, hi, c, ps, size, base, ok):  # pragma: no cover
+    """For source(): chunk (i, j) of scene k (byte offset offs[k, i, j]; -1: none) into its
+    slot at base + ((k * GY + i) * GX + j) * slot bytes: rows lo[i]:hi[i] of each of the
+    ``planes``, plane b at b * ps elements. ok[k]: every read of scene k came whole."""
+    T, GY, GX = offs.shape
+    nb = planes.shape[0]
+    for k in prange(T):
+        ok[k] = True
+        if fds[k] < 0:
+            continue
+        for i in range(GY):
+            n = (hi[i] - lo[i]) * c * size
+            for j in range(GX):
+                o = offs[k, i, j]
+                if o < 0 or not ok[k]:
+                    continue
+                s = base + ((k * GY + i) * GX + j) * nb * ps * size
+                for b in range(nb):
+                    at = o + (planes[b] * c * c + lo[i] * c) * size
+                    if not _pread_all(fds[k], s + b * ps * size, n, at):
+                        ok[k] = False
+                        break
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _read_window(fds, offs, planes, box, c, fill, dst, ok):  # pragma: no cover - compiled
+    """For read(): dst[k] (P, h, w) = window ``box`` (rr0, rr1, cc0, cc1) of scene k, whose
+    chunks covering the box start at byte offsets offs[k] (-1: absent, written as fill); scenes
+    with fds[k] < 0 are left alone. Whole chunk rows are read, then the box's columns copied
+    (row slices: LLVM makes them memcpy). ok[k]: every read of scene k came whole."""
+    rr0, rr1, cc0, cc1 = box[0], box[1], box[2], box[3]
+    cy0, cx0 = rr0 // c, cc0 // c
+    size = dst.itemsize
+    for k in prange(dst.shape[0]):
+        ok[k] = True
+        if fds[k] < 0:
+            continue
+        scratch = np.empty(c * c, dst.dtype)
+        addr = scratch.ctypes.data
+        for cy in range(cy0, (rr1 - 1) // c + 1):
+            y0, y1 = max(rr0, cy * c), min(rr1, (cy + 1) * c)
+            for cx in range(cx0, (cc1 - 1) // c + 1):
+                x0, x1 = max(cc0, cx * c), min(cc1, (cx + 1) * c)
+                o = offs[k, cy - cy0, cx - cx0]
+                for j in range(planes.shape[0]):
+                    if o < 0:
+                        dst[k, j, y0 - rr0 : y1 - rr0, x0 - cc0 : x1 - cc0] = fill
+                        continue
+                    at = o + (planes[j] * c * c + (y0 - cy * c) * c) * size
+                    if ok[k] and not _pread_all(fds[k], addr, (y1 - y0) * c * size, at):
+                        ok[k] = False
+                    if not ok[k]:
+                        continue
+                    for r in range(y1 - y0):
+                        q = r * c + x0 - cx * c
+                        dst[k, j, y0 - rr0 + r, x0 - cc0 : x1 - cc0] = scratch[q : q + x1 - x0]
 
 
 def _open(path: str) -> tuple[int, os.stat_result]:
@@ -131,72 +185,39 @@ class ArrayLayout:
         return self.planes * self.chunk * self.chunk * self.dtype.itemsize
 
 
-@dataclass(eq=False)
-class Mapped:
-    """One mapped shard: its data as a flat typed array and each chunk's item offset."""
+class _Open:
+    """One shard, open and checked: its descriptor and each inner chunk's byte offset. The
+    descriptor is closed when the last reader of it lets go (never under a read in flight)."""
 
-    rel: str
-    t: int
-    ino: int
-    size: int
-    mtime_ns: int
-    data: np.ndarray
-    offs: np.ndarray  # int64 (gy, gx): item offset of each inner chunk in data, -1 = absent
-    region: sigbus.Region  # registered with the SIGBUS guard while this object lives
+    __slots__ = ("rel", "t", "ino", "size", "mtime_ns", "fd", "offs")
+
+    def __init__(self, rel: str, t: int, fd: int, index: ShardIndex):
+        self.rel, self.t, self.fd = rel, t, fd
+        self.ino, self.size, self.mtime_ns = index.ino, index.size, index.mtime_ns
+        self.offs = index.offsets
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
 
 
-_READERS: weakref.WeakSet = weakref.WeakSet()
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def mapped_resident() -> int:
-    """Bytes of file-backed memory resident in this process (mapped shards, libraries)."""
+def _raise_open_files_limit() -> int:
+    """The soft limit on open files, raised to the hard one (a stack keeps one descriptor per
+    shard in use: scenes x levels x arrays). Returns the soft limit now in force."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[2]) * _PAGE
-    except (OSError, IndexError, ValueError):
-        return 0
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            want = 65536 if hard == resource.RLIM_INFINITY else hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        return int(soft)
+    except (OSError, ValueError):
+        return 1024
 
 
-def trim_mapped(limit_bytes: int) -> bool:
-    """If more than ``limit_bytes`` of mapped files are resident, let go of the shard pages:
-    they stay in the page cache (a later read faults them back in, cheaply) but leave this
-    process's RSS. True if it trimmed."""
-    if mapped_resident() <= limit_bytes:
-        return False
-    for r in list(_READERS):
-        for m in list(r._maps.values()):
-            try:
-                m.region.owner.madvise(mmap.MADV_DONTNEED)
-            except (OSError, ValueError, AttributeError):
-                pass
-    return True
-
-
-_WAKE = threading.Event()
-
-
-def after_render() -> None:
-    """A render thread says a tile is done: the checking thread looks now rather than at its
-    next period (renders fault in up to ~1 GB of shard pages within one 0.1 s period, so a
-    periodic check alone bounds only the average). Costs the render nothing."""
-    _WAKE.set()
-
-
-def keep_mapped_under(limit_bytes: int, every_s: float = 0.1) -> threading.Thread:
-    """Check every ``every_s`` seconds and after every render (:func:`after_render`), in a
-    thread of its own (off the tiles' path), that at most ``limit_bytes`` of mapped files are
-    resident; let go of the shard pages past it."""
-
-    def loop() -> None:
-        while True:
-            _WAKE.wait(every_s)
-            _WAKE.clear()
-            trim_mapped(limit_bytes)
-
-    t = threading.Thread(target=loop, name="clearsky-mapped-trim", daemon=True)
-    t.start()
-    return t
+_MAX_OPEN = max(64, _raise_open_files_limit() // 4)  # per reader; the rest for the server
 
 
 class ShardReader:
@@ -204,10 +225,9 @@ class ShardReader:
 
     def __init__(self, root: Path):
         self._root = str(root)
-        self._maps: dict[str, Mapped] = {}
+        self._open: OrderedDict[str, _Open] = OrderedDict()
+        self._lock = threading.Lock()
         self._zeros: np.ndarray | None = None
-        sigbus.install()
-        _READERS.add(self)
 
     def relpath(self, a: ArrayLayout, t: int) -> str:
         return "/".join([f"L{a.level}", a.name, "c", str(t), *["0"] * (len(a.lead) + 2)])
@@ -223,63 +243,93 @@ class ShardReader:
     def exists(self, a: ArrayLayout, t: int) -> bool:
         return os.path.lexists(os.path.join(self._root, self.relpath(a, t)))
 
-    def _mapped(self, a: ArrayLayout, t: int) -> Mapped:
-        """Scene t's shard of ``a``, mapped and checked (ShardDamaged: missing or damaged).
+    def _opened(self, a: ArrayLayout, t: int) -> _Open:
+        """Scene t's shard of ``a``, open and checked (ShardDamaged: missing or damaged).
 
-        Reflectance and SCL of a complete scene are never rewritten: a mapping is reused
+        Reflectance and SCL of a complete scene are never rewritten: an open shard is reused
         without a stat. Model masks are (by `clearsky mask`, write + rename): a newer file is
-        mapped anew."""
+        opened anew."""
         rel = self.relpath(a, t)
-        hit = self._maps.get(rel)
+        with self._lock:
+            hit = self._open.get(rel)
+            if hit is not None:
+                self._open.move_to_end(rel)
         if hit is not None and a.name != "cloudprob":
             return hit
         fd, st = _open(os.path.join(self._root, rel))
-        try:
-            if hit is not None and (hit.ino, hit.size, hit.mtime_ns) == (
-                st.st_ino,
-                st.st_size,
-                st.st_mtime_ns,
-            ):
-                return hit
-            idx = read_index(fd, st, a.grid, a.chunk_nbytes)
-            mm = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
-        finally:
+        if hit is not None and (hit.ino, hit.size, hit.mtime_ns) == (
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+        ):
             os.close(fd)
-        nbytes = st.st_size - (16 * a.grid[0] * a.grid[1] + 4)
-        data = np.frombuffer(mm, dtype=a.dtype, count=nbytes // a.dtype.itemsize)
-        start = data.ctypes.data
-        offs = np.where(idx.offsets < 0, -1, idx.offsets // a.dtype.itemsize)
-        region = sigbus.Region(start, start + st.st_size, mm)
-        hit = Mapped(rel, t, st.st_ino, st.st_size, st.st_mtime_ns, data, offs, region)
-        self._maps[rel] = hit
-        return hit
-
-    def shrunk(self) -> dict[int, str]:
-        """Mapped shards whose file is now shorter than its mapping (the SIGBUS guard counted a
-        lost page): {scene: reason}. They are unmapped; a file replaced meanwhile is re-mapped
-        at its next read."""
-        bad: dict[int, str] = {}
-        for rel, m in list(self._maps.items()):
-            try:
-                st = os.stat(os.path.join(self._root, rel))
-            except OSError:
-                st = None
-            if st is None or st.st_ino != m.ino:
-                self._maps.pop(rel, None)
-            elif st.st_size < m.size:
-                self._maps.pop(rel, None)
-                bad[m.t] = f"{rel} was truncated while in use ({m.size} -> {st.st_size} bytes)"
-        return bad
+            return hit
+        try:
+            opened = _Open(rel, t, fd, read_index(fd, st, a.grid, a.chunk_nbytes))
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._lock:
+            self._open[rel] = opened
+            while len(self._open) > _MAX_OPEN:
+                self._open.popitem(last=False)  # closed once no read holds it
+        return opened
 
     def _get(
         self, a: ArrayLayout, t: int, must_exist: Callable[[int], bool], bad: dict[int, str]
-    ) -> Mapped | None:
+    ) -> _Open | None:
         try:
-            return self._mapped(a, t)
+            return self._opened(a, t)
         except ShardDamaged as exc:
             if str(exc) != "missing" or must_exist(t):
                 bad[t] = f"{self.relpath(a, t)} {exc}"
             return None
+
+    def _zero_buffer(self, nbytes: int) -> np.ndarray:
+        z = self._zeros
+        if z is None or z.nbytes < nbytes:
+            z = self._zeros = np.zeros(nbytes, np.uint8)  # swapped whole: old ones stay valid
+        return z
+
+    def _scenes(
+        self,
+        a: ArrayLayout,
+        indices: np.ndarray,
+        chunks: tuple[int, int, int, int],
+        must_exist: Callable[[int], bool],
+        bad: dict[int, str],
+    ) -> tuple[list, np.ndarray, np.ndarray]:
+        """Open shards of scenes ``indices``: (the _Open objects, their descriptors (-1: none),
+        byte offsets of chunks rows cy0:cy1, cols cx0:cx1 (-1: absent or outside the stack))."""
+        cy0, cy1, cx0, cx1 = chunks
+        held = []
+        fds = np.full(len(indices), -1, np.int64)
+        offs = np.full((len(indices), cy1 - cy0, cx1 - cx0), -1, np.int64)
+        ys = slice(max(cy0, 0), min(cy1, a.grid[0]))
+        xs = slice(max(cx0, 0), min(cx1, a.grid[1]))
+        for k, t in enumerate(indices.tolist()):
+            m = self._get(a, t, must_exist, bad)
+            if m is None:
+                continue
+            held.append(m)
+            fds[k] = m.fd
+            offs[k, ys.start - cy0 : ys.stop - cy0, xs.start - cx0 : xs.stop - cx0] = m.offs[ys, xs]
+        return held, fds, offs
+
+    def _short(self, a: ArrayLayout, indices: np.ndarray, ok: np.ndarray, bad: dict) -> None:
+        """Scenes whose reads came back short: the shard shrank while in use (or an I/O
+        error). Their descriptors are dropped; each goes into ``bad`` with the reason."""
+        for k in np.flatnonzero(~ok).tolist():
+            t = int(indices[k])
+            rel = self.relpath(a, t)
+            with self._lock:
+                m = self._open.pop(rel, None)
+            try:
+                now = os.stat(os.path.join(self._root, rel)).st_size
+                was = f"{m.size} -> " if m is not None else ""
+                bad[t] = f"{rel} was truncated while in use ({was}{now} bytes)"
+            except OSError:
+                bad[t] = f"{rel} could not be read"
 
     def source(
         self,
@@ -289,39 +339,40 @@ class ShardReader:
         window: tuple[int, int, int, int],
         must_exist: Callable[[int], bool] = lambda t: True,
     ) -> tuple[Source, dict[int, str]]:
-        """The window (row, col, height, width) of scenes ``indices``, read in place by the
-        percentile kernel: a table of each chunk's address in the mapped shards. Chunks outside
-        the stack, never written or of a damaged scene (returned in {t: reason}) point at a
-        chunk of zeros (nodata)."""
+        """The window (row, col, height, width) of scenes ``indices`` for the percentile kernel:
+        each chunk's rows that the window needs, for the wanted planes only, read into one
+        buffer, and a table of where each chunk would start. Chunks outside the stack, never
+        written or of a damaged scene (returned in {t: reason}) read as zeros (nodata)."""
         c = a.chunk
+        size = a.dtype.itemsize
         r0, c0, h, w = window
         cy0, cx0 = r0 // c, c0 // c  # floor: windows may start outside the stack
         gy, gx = (r0 + h - 1) // c - cy0 + 1, (c0 + w - 1) // c - cx0 + 1
-        plane = c * c
-        if self._zeros is None or self._zeros.size < a.planes * plane:
-            self._zeros = np.zeros(a.planes * plane, a.dtype)
-        zero = self._zeros.ctypes.data
-        addr = np.full((len(indices), gy, gx), zero, np.uint64)
-        inside = [
-            (i, j, cy0 + i, cx0 + j)
-            for i in range(gy)
-            for j in range(gx)
-            if 0 <= cy0 + i < a.grid[0] and 0 <= cx0 + j < a.grid[1]
-        ]
-        keep: list = [self._zeros]
+        oy = r0 - cy0 * c
+        # Rows of each chunk row the window needs; a slot holds that many rows of every wanted
+        # plane (plane stride ps: the most rows any chunk row needs). The table points before
+        # the slot by the rows not read, so the kernel's chunk arithmetic is unchanged.
+        lo = np.array([max(oy - i * c, 0) for i in range(gy)], np.int64)
+        hi = np.array([min(oy + h - i * c, c) for i in range(gy)], np.int64)
+        ps = int((hi - lo).max()) * c
+        nb = len(planes)
+        slot = nb * ps * size  # bytes
         bad: dict[int, str] = {}
-        size = a.dtype.itemsize
-        for k, t in enumerate(indices.tolist()):
-            m = self._get(a, t, must_exist, bad)
-            if m is None:
-                continue
-            keep.append(m)
-            base = m.data.ctypes.data
-            for i, j, y, x in inside:
-                o = int(m.offs[y, x])
-                if o >= 0:
-                    addr[k, i, j] = base + o * size
-        src = Source(addr, (c, c), plane, (r0 - cy0 * c, c0 - cx0 * c), planes, h, w, tuple(keep))
+        held, fds, offs = self._scenes(a, indices, (cy0, cy0 + gy, cx0, cx0 + gx), must_exist, bad)
+        buf = np.empty(len(indices) * gy * gx * slot, np.uint8)
+        zero = self._zero_buffer(slot)
+        ok = np.empty(len(indices), np.bool_)
+        _read_slots(fds, offs, np.asarray(planes, np.int64), lo, hi, c, ps, size,
+                    buf.ctypes.data, ok)  # fmt: skip
+        if not ok.all():
+            self._short(a, indices, ok, bad)
+            offs[~ok] = -1  # a scene read short reads as nodata, never half of it
+        at = np.arange(offs.size, dtype=np.uint64).reshape(offs.shape) * np.uint64(slot)
+        back = (lo * c * size).astype(np.uint64)[None, :, None]
+        addr = np.where(offs >= 0, np.uint64(buf.ctypes.data) + at, np.uint64(zero.ctypes.data))
+        addr = (addr - back).astype(np.uint64)
+        keep = (buf, zero, *held)
+        src = Source(addr, (c, c), ps, (oy, c0 - cx0 * c), np.arange(nb), h, w, keep)
         return src, bad
 
     def read(
@@ -335,15 +386,21 @@ class ShardReader:
     ) -> dict[int, str]:
         """Window ``box`` (rr0, rr1, cc0, cc1) of scenes ``indices`` into dst (T, P, h, w).
 
-        A scene whose shard is missing or damaged is filled with the fill value (no data) and
-        returned in {t: reason}; a missing shard of a scene for which ``must_exist(t)`` is
-        False is just unwritten (fill), not damage."""
-        fill = dst.dtype.type(a.fill)
+        A scene whose shard is missing, damaged or read short is filled with the fill value
+        (no data) and returned in {t: reason}; a missing shard of a scene for which
+        ``must_exist(t)`` is False is just unwritten (fill), not damage."""
+        c = a.chunk
+        rr0, rr1, cc0, cc1 = box
+        chunks = (rr0 // c, (rr1 - 1) // c + 1, cc0 // c, (cc1 - 1) // c + 1)
         bad: dict[int, str] = {}
-        for k, t in enumerate(indices.tolist()):
-            m = self._get(a, t, must_exist, bad)
-            if m is None:
-                dst[k] = fill
-            else:
-                _copy_scene(m.data, m.offs, planes, a.chunk, box, fill, dst[k])
+        held, fds, offs = self._scenes(a, indices, chunks, must_exist, bad)
+        ok = np.empty(len(indices), np.bool_)
+        fill = dst.dtype.type(a.fill)
+        _read_window(fds, offs, np.asarray(planes, np.int64), np.asarray(box, np.int64), c,
+                     fill, dst, ok)  # fmt: skip
+        if not ok.all():
+            self._short(a, indices, ok, bad)
+        dst[fds < 0] = fill
+        dst[~ok] = fill  # never half a scene
+        del held  # (the descriptors stay open while the reads run)
         return bad

@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,6 @@ from affine import Affine
 from cachetools import LRUCache
 from zarr.codecs import BloscCodec
 
-from compositor import sigbus
 from compositor.percentile import SOURCE_MIN_WIDTH, Source
 from compositor.shards import ArrayLayout, ShardDamaged, ShardReader
 
@@ -43,7 +41,6 @@ log = logging.getLogger(__name__)
 
 CHUNK = 256
 DEM_CACHE_BYTES = 64 * 2**20  # decoded DEM chunks kept per open stack
-MAPPED_CHECK_S = 1.0  # mapped shards' sizes are checked at most this often (a stat each)
 NODATA = 0
 CLOUDPROB_UNSET = 255
 CLOUDPROB_SCALE = 250.0
@@ -125,7 +122,6 @@ class Stack:
         self._shards = ShardReader(self.path) if self.path.is_dir() else None
         self._layouts: dict[tuple[int, str], ArrayLayout] = {}
         self.damaged: dict[int, str] = {}  # scene index -> why it is left out
-        self._checked = time.monotonic()  # when the mapped shards' sizes were last checked
         self.warnings: list[str] = []  # what is wrong with this stack, for /cells
         # Decoded DEM chunks (the DEM is compressed; zarr-python takes ~2 ms per chunk): a
         # hillshaded tile needs ~4, and its neighbours mostly the same ones.
@@ -490,28 +486,11 @@ class Stack:
         # The compiled reader writes plain rows: go through a contiguous buffer if dst is not.
         work = dst if dst.flags.c_contiguous else np.empty(dst.shape, dst.dtype)
         w4 = work.reshape(len(indices), len(planes), rr1 - rr0, cc1 - cc0)
-        faults = sigbus.faults()
         bad = self._shards.read(a, indices, planes, box, w4, self._must_exist(name))
         if work is not dst:
             dst[...] = work
         if bad:
             self._mark_damaged(bad)
-        if sigbus.faults() != faults:  # a mapped shard shrank while we read it
-            self.check_mapped()
-            idx = indices.tolist()
-            for t in self.damaged:  # never half a scene: all of it or none
-                if t in idx:
-                    dst[idx.index(t)] = a.fill
-
-    def check_mapped(self) -> bool:
-        """After the SIGBUS guard counted a lost page (compositor/sigbus.py): leave out the
-        scenes whose mapped shards shrank. True if any did."""
-        if self._shards is None:
-            return False
-        bad = self._shards.shrunk()
-        if bad:
-            self._mark_damaged(bad)
-        return bool(bad)
 
     def _must_exist(self, name: str) -> Callable[[int], bool]:
         """Whether scene t must have a shard of ``name``: complete scenes have reflectance
@@ -529,10 +508,6 @@ class Stack:
         directory, a window narrower than the kernel's block)."""
         if self._shards is None or window[3] < SOURCE_MIN_WIDTH:
             return None
-        now = time.monotonic()
-        if now - self._checked > MAPPED_CHECK_S:  # shards cut short where no tile read yet
-            self._checked = now
-            self.check_mapped()
         a = self._layout(level, "reflectance")
         planes = np.asarray(bands, np.int64)
         src, bad = self._shards.source(a, indices, planes, window, self._must_exist(a.name))

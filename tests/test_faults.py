@@ -174,9 +174,9 @@ def test_registry_keeps_open_stacks_and_rescans_at_most_every_few_seconds(tmp_pa
 
 
 def test_shard_truncated_while_serving(tmp_path):
-    """The last scene's 10 m reflectance shard, mapped by the server, is cut to its first page
-    while the server runs: reading the lost pages would raise SIGBUS. The process lives, says
-    so once, and the tile is exactly the composite without that scene."""
+    """The last scene's 10 m reflectance shard, open in the server, is cut to its first page
+    while the server runs: the read comes back short. The process lives, says so once, and the
+    tile is exactly the composite without that scene."""
     build(tmp_path, "31UDQ")
     log = tmp_path / "server.log"
     with running_server(tmp_path, log, CLEARSKY_TILE_CACHE_MB="0") as url:

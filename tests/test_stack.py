@@ -89,7 +89,7 @@ def test_scl_downsample_keeps_clouds():
     assert downsample_scl(scl).tolist() == [[9, 0]]
 
 
-def test_memory_mapped_shards_match_zarr_python(tmp_path):
+def test_shard_reads_match_zarr_python(tmp_path):
     st = _stack(tmp_path, 300, 280)
     for i in range(4):
         s, r, c = _scene(i, 280, 300)

@@ -29,11 +29,10 @@ from titiler.core.factory import TilerFactory
 from titiler.core.resources.enums import ImageType
 from titiler.core.utils import render_image
 
-from compositor import sigbus
 from compositor.alloc import limit_arenas, retain_freed_memory
 from compositor.grid import transform_bounds_to_lonlat
+from compositor.memory import TRIMS, keep_heap_under
 from compositor.render import encode_tile
-from compositor.shards import keep_mapped_under
 from compositor.stack import Stack
 from compositor.tiling import MASK_CACHE, NoData, ViewParams
 from tileserver import timing
@@ -227,13 +226,10 @@ class StackTilerFactory(TilerFactory):
 
             def render() -> tuple[bytes, str]:
                 for _ in range(3):  # again if a scene was found damaged meanwhile
-                    before = sum(len(s.damaged) for s in stacks), sigbus.faults()
+                    before = sum(len(s.damaged) for s in stacks)
                     with factory.reader(src, tms=tms, params=view.view) as r:
                         image = r.tile(x, y, z, tilesize=tilesize)
-                    if sigbus.faults() != before[1]:  # a mapped shard shrank under the kernel
-                        for s in stacks:
-                            s.check_mapped()
-                    if sum(len(s.damaged) for s in stacks) == before[0]:
+                    if sum(len(s.damaged) for s in stacks) == before:
                         break
                 return render_tile(image, _media(format))
 
@@ -355,7 +351,7 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.http_threads
         if warm:
             await asyncio.to_thread(warm_up, app.state.registry, settings.render_nice)
-        keep_mapped_under(settings.mapped_mb * 2**20)
+        keep_heap_under(settings.heap_mb * 2**20)
         yield
         app.state.tiles.queue.shutdown()
 
@@ -387,7 +383,7 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
         log.warning(
             "no stacks in %s: this server has no cells to show. Point CLEARSKY_DATA_DIR (or "
             "`clearsky serve --data`) at a folder of <CELL>.zarr stacks; in Docker, mount one: "
-            "docker run -v \"$PWD/data/demo:/data:ro\" ...",
+            'docker run -v "$PWD/data/demo:/data:ro" ...',
             settings.data_dir,
         )
     app.state.tile_cache = TileCache(settings.tile_cache_mb * 2**20)
@@ -536,6 +532,7 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
             "cells": reg.ids(),
             "warnings": list(reg.warnings),
             "renders_pending": q.pending,
+            "heap_trims": TRIMS["heap"],
         }
 
     static_dir = FsPath(settings.static_dir)
@@ -553,13 +550,15 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
 
     @app.get("/metrics", tags=["ops"])
     async def metrics(request: Request) -> dict:
-        """Tiles served, cache hits, 304s, renders and their mean time, queue state."""
+        """Tiles served, cache hits, 304s, renders and their mean time, queue state, and how often
+        the memory bound handed free heap pages back."""
         q = request.app.state.tiles.queue
         return {
             **request.app.state.tile_cache.as_dict(),
             "render_threads": q.threads,
             "render_queue": q.depth,
             "renders_pending": q.pending,
+            "heap_trims": TRIMS["heap"],
         }
 
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]

@@ -22,7 +22,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from rio_tiler.errors import TileOutsideBounds
 
-from compositor.shards import after_render
+from compositor.memory import after_render
 from compositor.tiling import NoData
 from tileserver import timing
 from tileserver.cache import TILE_MAX_AGE, Entry, TileCache, etag_matches, etag_of
@@ -80,7 +80,7 @@ class RenderQueue:
                 return fn()
             finally:
                 self._mean_s += 0.1 * (time.perf_counter() - t0 - self._mean_s)
-                after_render()  # the mapped-page bound is checked now, in its own thread
+                after_render()  # the heap bound is checked now, in its own thread
 
         self.pending += 1
         fut = self._pool.submit(job)
