@@ -3,8 +3,7 @@
 A shard (Zarr v3 sharding, index at the end) holds one scene at one level as uncompressed
 256 x 256 inner chunks, so a chunk is a fixed-size run of bytes at an offset the index gives, and
 a window of it is a few runs of whole chunk rows. They are read with pread, in one compiled,
-parallel call per window (no GIL, no per-chunk Python), into buffers laid out as the percentile
-kernel reads them (a table of chunk addresses, compositor/percentile.py).
+parallel call per window (no GIL, no per-chunk Python), and the window's columns copied out.
 
 Why not memory maps: on current kernels (6.18 here, ext4 with large folios) touching one byte
 of a mapped file maps its whole page-cache folio, up to 2 MB: one 256 px tile of a 100-scene
@@ -30,8 +29,6 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 from numba import njit, prange, types
-
-from compositor.percentile import Source
 
 _ABSENT = 2**64 - 1  # index entry of a chunk never written (Zarr v3 sharding)
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # a FIFO never blocks
@@ -67,31 +64,6 @@ def _pread_all(fd, addr, n, off):  # pragma: no cover - compiled
             return False
         done += r
     return True
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def _read_slots(fds, offs, planes, lo, hi, c, ps, size, base, ok):  # pragma: no cover
-    """For source(): chunk (i, j) of scene k (byte offset offs[k, i, j]; -1: none) into its
-    slot at base + ((k * GY + i) * GX + j) * slot bytes: rows lo[i]:hi[i] of each of the
-    ``planes``, plane b at b * ps elements. ok[k]: every read of scene k came whole."""
-    T, GY, GX = offs.shape
-    nb = planes.shape[0]
-    for k in prange(T):
-        ok[k] = True
-        if fds[k] < 0:
-            continue
-        for i in range(GY):
-            n = (hi[i] - lo[i]) * c * size
-            for j in range(GX):
-                o = offs[k, i, j]
-                if o < 0 or not ok[k]:
-                    continue
-                s = base + ((k * GY + i) * GX + j) * nb * ps * size
-                for b in range(nb):
-                    at = o + (planes[b] * c * c + lo[i] * c) * size
-                    if not _pread_all(fds[k], s + b * ps * size, n, at):
-                        ok[k] = False
-                        break
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -227,7 +199,6 @@ class ShardReader:
         self._root = str(root)
         self._open: OrderedDict[str, _Open] = OrderedDict()
         self._lock = threading.Lock()
-        self._zeros: np.ndarray | None = None
 
     def relpath(self, a: ArrayLayout, t: int) -> str:
         return "/".join([f"L{a.level}", a.name, "c", str(t), *["0"] * (len(a.lead) + 2)])
@@ -285,12 +256,6 @@ class ShardReader:
                 bad[t] = f"{self.relpath(a, t)} {exc}"
             return None
 
-    def _zero_buffer(self, nbytes: int) -> np.ndarray:
-        z = self._zeros
-        if z is None or z.nbytes < nbytes:
-            z = self._zeros = np.zeros(nbytes, np.uint8)  # swapped whole: old ones stay valid
-        return z
-
     def _scenes(
         self,
         a: ArrayLayout,
@@ -330,50 +295,6 @@ class ShardReader:
                 bad[t] = f"{rel} was truncated while in use ({was}{now} bytes)"
             except OSError:
                 bad[t] = f"{rel} could not be read"
-
-    def source(
-        self,
-        a: ArrayLayout,
-        indices: np.ndarray,
-        planes: np.ndarray,
-        window: tuple[int, int, int, int],
-        must_exist: Callable[[int], bool] = lambda t: True,
-    ) -> tuple[Source, dict[int, str]]:
-        """The window (row, col, height, width) of scenes ``indices`` for the percentile kernel:
-        each chunk's rows that the window needs, for the wanted planes only, read into one
-        buffer, and a table of where each chunk would start. Chunks outside the stack, never
-        written or of a damaged scene (returned in {t: reason}) read as zeros (nodata)."""
-        c = a.chunk
-        size = a.dtype.itemsize
-        r0, c0, h, w = window
-        cy0, cx0 = r0 // c, c0 // c  # floor: windows may start outside the stack
-        gy, gx = (r0 + h - 1) // c - cy0 + 1, (c0 + w - 1) // c - cx0 + 1
-        oy = r0 - cy0 * c
-        # Rows of each chunk row the window needs; a slot holds that many rows of every wanted
-        # plane (plane stride ps: the most rows any chunk row needs). The table points before
-        # the slot by the rows not read, so the kernel's chunk arithmetic is unchanged.
-        lo = np.array([max(oy - i * c, 0) for i in range(gy)], np.int64)
-        hi = np.array([min(oy + h - i * c, c) for i in range(gy)], np.int64)
-        ps = int((hi - lo).max()) * c
-        nb = len(planes)
-        slot = nb * ps * size  # bytes
-        bad: dict[int, str] = {}
-        held, fds, offs = self._scenes(a, indices, (cy0, cy0 + gy, cx0, cx0 + gx), must_exist, bad)
-        buf = np.empty(len(indices) * gy * gx * slot, np.uint8)
-        zero = self._zero_buffer(slot)
-        ok = np.empty(len(indices), np.bool_)
-        _read_slots(fds, offs, np.asarray(planes, np.int64), lo, hi, c, ps, size,
-                    buf.ctypes.data, ok)  # fmt: skip
-        if not ok.all():
-            self._short(a, indices, ok, bad)
-            offs[~ok] = -1  # a scene read short reads as nodata, never half of it
-        at = np.arange(offs.size, dtype=np.uint64).reshape(offs.shape) * np.uint64(slot)
-        back = (lo * c * size).astype(np.uint64)[None, :, None]
-        addr = np.where(offs >= 0, np.uint64(buf.ctypes.data) + at, np.uint64(zero.ctypes.data))
-        addr = (addr - back).astype(np.uint64)
-        keep = (buf, zero, *held)
-        src = Source(addr, (c, c), ps, (oy, c0 - cx0 * c), np.arange(nb), h, w, keep)
-        return src, bad
 
     def read(
         self,

@@ -34,7 +34,6 @@ from affine import Affine
 from cachetools import LRUCache
 from zarr.codecs import BloscCodec
 
-from compositor.percentile import SOURCE_MIN_WIDTH, Source
 from compositor.shards import ArrayLayout, ShardDamaged, ShardReader
 
 log = logging.getLogger(__name__)
@@ -499,21 +498,6 @@ class Stack:
             return lambda t: False
         n = len(self.scenes)
         return lambda t: t < n and self.scenes[t].complete
-
-    def source(
-        self, level: int, window: tuple[int, int, int, int], indices: np.ndarray, bands: list[int]
-    ) -> Source | None:
-        """The reflectance window as the percentile kernel's input (compositor/shards.py), or
-        None where the kernel should get an array from read() (a store that is not a local
-        directory, a window narrower than the kernel's block)."""
-        if self._shards is None or window[3] < SOURCE_MIN_WIDTH:
-            return None
-        a = self._layout(level, "reflectance")
-        planes = np.asarray(bands, np.int64)
-        src, bad = self._shards.source(a, indices, planes, window, self._must_exist(a.name))
-        if bad:
-            self._mark_damaged(bad)
-        return src
 
     def _read_dem(
         self, level: int, arr: zarr.Array, box: tuple[int, int, int, int], dst: np.ndarray

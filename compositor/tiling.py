@@ -34,6 +34,7 @@ from compositor.composite import (
     scl_bits,
 )
 from compositor.hillshade import hillshade
+from compositor.memory import RENDER_BUDGET, render_bytes
 from compositor.render import (
     DEFAULT_GAMMA,
     DEFAULT_RESCALE,
@@ -207,10 +208,29 @@ def composite_window(
 ) -> CompositeResult:
     """Composite of a window (row, col, height, width) at ``level`` in the stack's own grid.
 
-    ``timings``, if given, receives seconds spent per stage (read, mask, percentile)."""
-    clock = _Clock(timings)
+    ``timings``, if given, receives seconds spent per stage (read, mask, percentile). Renders
+    in flight share RENDER_BUDGET (compositor/memory.py): this one waits for its share."""
     if indices is None:
         indices = stack.complete_indices(params.start, params.end, params.months)
+    f = stack.levels[mask_level(stack, level)].factor // stack.levels[level].factor
+    need = render_bytes(len(indices), window[2], window[3], f)
+    t0 = time.perf_counter()
+    with RENDER_BUDGET.reserve(need):
+        if timings is not None:
+            timings["wait"] = timings.get("wait", 0.0) + time.perf_counter() - t0
+        return _composite_window(stack, level, window, params, indices, bands, timings)
+
+
+def _composite_window(
+    stack: Stack,
+    level: int,
+    window: tuple[int, int, int, int],
+    params: ViewParams,
+    indices: np.ndarray,
+    bands: tuple[str, ...] | None,
+    timings: dict[str, float] | None,
+) -> CompositeResult:
+    clock = _Clock(timings)
     band_idx = [stack.bands.index(b) for b in (bands or stack.bands)]
     ml = mask_level(stack, level)
     f = stack.levels[ml].factor // stack.levels[level].factor  # mask pixel = f x f window pixels
@@ -232,9 +252,8 @@ def composite_window(
         stack.mask_version(indices) if method == "segformer" else None,
     )
     masks = MASK_CACHE.get(key)
-    # Locally the kernel reads the reflectance in place (no 40 MB copy per tile); else read it.
-    src = stack.source(level, window, indices, band_idx)
-    data = {} if src is not None else stack.read(level, window, indices, ("reflectance",), band_idx)
+    # Just the window's pixels (not whole chunk rows): what a render holds is T x window.
+    refl = stack.read(level, window, indices, ("reflectance",), band_idx)["reflectance"]
     clock.lap("read")
     if masks is None:
         masks = _coarse_masks(stack, ml, f, window, indices, params, method, dil, temporal, clock)
@@ -245,7 +264,7 @@ def composite_window(
     bits = repeat_window(coarse, f, (*offset, window[2], window[3]))
     clock.lap("mask")
     res = composite_source(
-        data["reflectance"] if src is None else src,
+        refl,
         bits,
         params.percentile,
         params.min_clear,

@@ -31,7 +31,7 @@ from titiler.core.utils import render_image
 
 from compositor.alloc import limit_arenas, retain_freed_memory
 from compositor.grid import transform_bounds_to_lonlat
-from compositor.memory import TRIMS, keep_heap_under
+from compositor.memory import HEAP_BASE_MB, RENDER_BUDGET, TRIMS, keep_heap_under
 from compositor.render import encode_tile
 from compositor.stack import Stack
 from compositor.tiling import MASK_CACHE, NoData, ViewParams
@@ -342,6 +342,12 @@ def warm_up(registry: Registry, render_nice: int = 0) -> None:
     log.info("%d warm-up tiles rendered in %.1f s", n, time.perf_counter() - t0)
 
 
+def heap_bound_mb(settings: Settings) -> int:
+    """The anonymous memory the server may keep: what it needs at rest, its caches and the
+    renders in flight. Freed memory past it goes back to the kernel."""
+    return HEAP_BASE_MB + settings.tile_cache_mb + settings.mask_cache_mb + settings.render_mb
+
+
 def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
     settings = settings or get_settings()
 
@@ -351,7 +357,7 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.http_threads
         if warm:
             await asyncio.to_thread(warm_up, app.state.registry, settings.render_nice)
-        keep_heap_under(settings.heap_mb * 2**20)
+        keep_heap_under(heap_bound_mb(settings) * 2**20)
         yield
         app.state.tiles.queue.shutdown()
 
@@ -372,6 +378,7 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
     retain_freed_memory()  # tiles reuse freed buffers instead of faulting fresh pages in
     limit_arenas(2)  # ... and the memory kept is what runs at once, not each thread's peak
     MASK_CACHE.resize(settings.mask_cache_mb * 2**20)
+    RENDER_BUDGET.resize(settings.render_mb * 2**20)
     app.state.registry = Registry(settings.data_dir)
     log.info(
         "serving %d cells from %s: %s",
@@ -532,6 +539,8 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
             "cells": reg.ids(),
             "warnings": list(reg.warnings),
             "renders_pending": q.pending,
+            "render_budget_bytes": RENDER_BUDGET.limit,
+            "render_bytes_in_flight": RENDER_BUDGET.used,
             "heap_trims": TRIMS["heap"],
         }
 
@@ -558,6 +567,8 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
             "render_threads": q.threads,
             "render_queue": q.depth,
             "renders_pending": q.pending,
+            "render_budget_bytes": RENDER_BUDGET.limit,
+            "render_bytes_in_flight": RENDER_BUDGET.used,
             "heap_trims": TRIMS["heap"],
         }
 

@@ -18,9 +18,10 @@ class Settings(BaseSettings):
     workers: int = 1
     tile_cache_mb: int = Field(192, ge=0)
     mask_cache_mb: int = Field(128, ge=0)  # cloud/shadow masks of recent windows
-    # Resident anonymous memory (Python, caches, render buffers) past which malloc's free pages
-    # go back to the kernel; must hold the caches, or renders refault fresh pages every time.
-    heap_mb: int = Field(768, ge=64)
+    # Memory the renders in flight hold together (estimated per render from its scenes and
+    # window): a render past it waits; one larger than all of it (a 512 px tile over 100+
+    # scenes) runs alone.
+    render_mb: int = Field(512, ge=16)
     render_threads: int = Field(2, ge=1, le=64)  # tiles rendered at once (each uses all cores)
     render_queue: int = Field(32, ge=0, le=10000)  # tiles waiting for a render thread; 503 past
     # Render threads' nice increment: > 0 lets the event loop (/health, cached tiles) preempt
