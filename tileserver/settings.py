@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     # Memory the renders in flight hold together (estimated per render from its scenes and
     # window): a render past it waits; one larger than all of it (a 512 px tile over 100+
     # scenes) runs alone.
-    render_mb: int = Field(512, ge=16)
+    render_mb: int = Field(288, ge=16)
     render_threads: int = Field(2, ge=1, le=64)  # tiles rendered at once (each uses all cores)
     render_queue: int = Field(32, ge=0, le=10000)  # tiles waiting for a render thread; 503 past
     # Render threads' nice increment: > 0 lets the event loop (/health, cached tiles) preempt
