@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from compositor.composite import LOOSE, STRICT
+from compositor.composite import LEAST, LOOSE, STRICT
 
 BLUE_DN = 250.0  # blue above the clear reference by more than this (+ BLUE_REL x ref): cloud
 BLUE_REL = 0.15
@@ -98,11 +98,95 @@ def _quantile_where(vals, sel, n, q, tmp):  # pragma: no cover - compiled
     return _quantile(tmp, k, q)
 
 
+@njit(cache=True, nogil=True)
+def _check_fallback(
+    bits, wide, blue, nir, gain_b, gain_n, nodata, y, x, blue_dn, blue_rel, nir_drop,
+    blue_drop, ref_keep, rounds, restore_dn, restore_rel, tmp, keep, out,
+):  # pragma: no cover - compiled
+    """A pixel the mask leaves (almost) no clear look: its fallback takes the least bad looks
+    (LEAST unset), as the single-scene mask ranks them. Test those against the clear state of
+    the wider set of looks the mask is unsure about (``wide``): cloud or shadow outliers leave
+    the fallback (out: 4, LEAST added); if none is left, the looks of the wider set closest to
+    its clear state become the fallback (out: 32, LEAST cleared)."""
+    T = blue.shape[0]
+    idx = np.empty(T, np.int64)
+    b = np.empty(T, np.float32)
+    n = np.empty(T, np.float32)
+    nb = np.empty(T, np.float32)
+    nn = np.empty(T, np.float32)
+    nc = 0
+    for t in range(T):
+        if wide[t, y, x] and blue[t, y, x] != nodata:
+            idx[nc] = t
+            b[nc] = blue[t, y, x]
+            n[nc] = nir[t, y, x]
+            nb[nc] = blue[t, y, x] / gain_b[t]
+            nn[nc] = nir[t, y, x] / gain_n[t]
+            nc += 1
+    if nc < 3:
+        return  # too few to tell an outlier
+    ref = np.ones(nc, np.bool_)
+    lit = np.empty(nc, np.bool_)
+    for i in range(nc):
+        keep[i] = True
+    bref = 0.0
+    med_n = 0.0
+    med_b = 0.0
+    for _ in range(rounds):
+        for i in range(nc):
+            ref[i] = keep[i]
+        nref = _quantile_where(n, ref, nc, 0.5, tmp)
+        for i in range(nc):
+            lit[i] = ref[i] and n[i] >= ref_keep * nref
+        bref = _quantile_where(b, lit if lit[:nc].any() else ref, nc, 0.25, tmp)
+        hi_b = bref + blue_dn + blue_rel * bref
+        med_n = _quantile_where(nn, ref, nc, 0.5, tmp)
+        med_b = _quantile_where(nb, ref, nc, 0.5, tmp)
+        lo_n = (1 - nir_drop) * med_n
+        lo_b = (1 - blue_drop) * med_b
+        nk = 0
+        for i in range(nc):
+            if b[i] <= hi_b and (nn[i] >= lo_n or nb[i] >= lo_b):
+                nk += 1
+        if nk == 0:
+            return
+        for i in range(nc):
+            keep[i] = b[i] <= hi_b and (nn[i] >= lo_n or nb[i] >= lo_b)
+    left = 0
+    for i in range(nc):
+        least = (bits[idx[i], y, x] & 4) == 0  # 4 = LEAST set: not among the least bad
+        if least and keep[i]:
+            left += 1
+    if left > 0:
+        for i in range(nc):
+            if (bits[idx[i], y, x] & 4) == 0 and not keep[i]:
+                out[idx[i], y, x] = 4
+        return
+    near_b = bref + restore_dn + restore_rel * bref
+    for i in range(nc):
+        if keep[i] and b[i] <= near_b and nn[i] >= (1 - nir_drop) * med_n:
+            out[idx[i], y, x] = 32
+    for t in range(T):
+        if (bits[t, y, x] & 4) == 0 and out[t, y, x] != 32:
+            # the old least bad looks leave the fallback only if new ones took their place
+            out[t, y, x] = 4 if _any32(out, T, y, x) else 0
+
+
+@njit(cache=True, nogil=True)
+def _any32(out, T, y, x):  # pragma: no cover - compiled
+    for t in range(T):
+        if out[t, y, x] == 32:
+            return True
+    return False
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _veto(
     bits,
     soft,
     has_soft,
+    wide,
+    has_wide,
     blue,
     nir,
     gain_b,
@@ -156,7 +240,11 @@ def _veto(
         for x in range(W):
             nc = cnt[x]
             if nc < 2:
-                continue  # nothing to compare against
+                if has_wide:
+                    _check_fallback(bits, wide, blue, nir, gain_b, gain_n, nodata, y, x,
+                                    blue_dn, blue_rel, nir_drop, blue_drop, ref_keep, rounds,
+                                    restore_dn, restore_rel, tmp, keep, out)  # fmt: skip
+                continue  # nothing else to compare against
             b = bb[x]
             n = nn[x]
             nb = sb[x]
@@ -254,13 +342,14 @@ def temporal_veto(
     nir_drop: float = NIR_DROP,
     levels: tuple[np.ndarray, np.ndarray] | None = None,
     soft: np.ndarray | None = None,
+    wide: np.ndarray | None = None,
 ) -> np.ndarray:
     """Add the temporal test to packed mask ``bits`` (uint8 (T, H, W): STRICT, LOOSE, ...):
     looks inconsistent with the pixel's clear reference get STRICT | LOOSE. ``blue``, ``nir``:
     uint16 (T, H, W) DN of B02 and B08 on the same grid. ``levels``: each look's scene-wide
     (blue, NIR) level (:func:`scene_levels`); a tile passes the whole cell's, so that the result
     does not depend on the window (default: measured on these arrays). Returns a new array."""
-    assert STRICT == 1 and LOOSE == 2  # the kernel writes them as 3 and reads LOOSE as 2
+    assert (STRICT, LOOSE, LEAST) == (1, 2, 4)  # the kernel writes and reads them as numbers
     if bits.shape != blue.shape or blue.shape != nir.shape:
         raise ValueError(f"shapes differ: bits {bits.shape}, blue {blue.shape}, nir {nir.shape}")
     bits, blue, nir = (np.ascontiguousarray(a) for a in (bits, blue, nir))
@@ -271,10 +360,18 @@ def temporal_veto(
     soft_ = (
         np.ascontiguousarray(soft, dtype=np.uint8) if has_soft else np.zeros((1, 1, 1), np.uint8)
     )
+    has_wide = wide is not None
+    if has_wide and wide.shape != bits.shape:
+        raise ValueError(f"shapes differ: bits {bits.shape}, wide {wide.shape}")
+    wide_ = (
+        np.ascontiguousarray(wide, dtype=np.bool_) if has_wide else np.zeros((1, 1, 1), np.bool_)
+    )
     _veto(
         bits,
         soft_,
         has_soft,
+        wide_,
+        has_wide,
         blue,
         nir,
         *(levels or (scene_levels(bits, blue, nodata), scene_levels(bits, nir, nodata))),
@@ -291,6 +388,7 @@ def temporal_veto(
         extra,
     )
     # 3: vetoed (STRICT | LOOSE added); 8: dropped by the dilation only and given back;
-    # 24: a soft verdict overturned (STRICT and LOOSE cleared).
-    clear = ((extra >> 3) & STRICT) | ((extra >> 3) & LOOSE)
-    return (bits | (extra & 3)) & ~clear.astype(np.uint8)
+    # 24: a soft verdict overturned (STRICT and LOOSE cleared); 4: out of the fallback (LEAST
+    # added); 32: into the fallback (LEAST cleared).
+    clear = (extra >> 3) & (STRICT | LOOSE | LEAST)
+    return (bits | (extra & (STRICT | LOOSE | LEAST))) & ~clear.astype(np.uint8)

@@ -385,9 +385,27 @@ def _coarse_masks(
         # SCL's cloud shadow class is a weak verdict (Sen2Cor calls dark water and terrain
         # shadow): the time series may overturn it; the model's shadow calls it keeps.
         soft = np.isin(data["scl"], SCL_SHADOW) if method == "scl" else None
-        bits = temporal_veto(bits, blue, nir, stack.nodata, levels=levels, soft=soft)
+        wide = _unsure_looks(data, method)
+        bits = temporal_veto(bits, blue, nir, stack.nodata, levels=levels, soft=soft, wide=wide)
         clock.lap("temporal")
     return bits, (r0 - mr0 * f, c0 - mc0 * f), fallbacks
+
+
+# Model probabilities (0..250) up to this are unsure calls (0.8): where the mask leaves no clear
+# look, the temporal test judges the fallback's looks against the pixel's looks up to it.
+UNSURE_MAX = 200
+
+
+def _unsure_looks(data: dict[str, np.ndarray], method: str) -> np.ndarray | None:
+    """bool (T, H, W): the looks the model calls clear or is unsure of (cloud and shadow
+    probability both at most UNSURE_MAX). On a surface unlike its training data the model may
+    call every look of a pixel cloud at 0.4-0.7; the fallback then took the least unsure look,
+    often a shadow, where the time series of these looks tells which are alike."""
+    if method != "segformer":
+        return None
+    cp = data["cloudprob"]
+    p = np.maximum(cp[:, 0], cp[:, 1])
+    return (p <= UNSURE_MAX) & (cp[:, 0] != CLOUDPROB_UNSET) & (data["scl"] > 1)
 
 
 @njit(parallel=True, cache=True, nogil=True)

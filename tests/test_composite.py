@@ -239,6 +239,33 @@ def test_temporal_test_gives_back_looks_the_series_vouches_for():
     assert not (temporal_veto(bits, blue, nir)[5:, 0, 1] & STRICT).any()
 
 
+def test_fallback_looks_are_checked_against_the_unsure_ones():
+    """The model calls every look of a pixel cloud (0.4-0.7 on a surface it does not know),
+    so the fallback takes the least unsure looks: here a shadow and two clear ones. The time
+    series of the unsure looks drops the shadow from the fallback. Where the least unsure
+    look is the only one and a shadow, the unsure looks closest to the pixel's clear state
+    take its place. Without the unsure looks nothing changes."""
+    from compositor.composite import LEAST, LOOSE, STRICT
+    from compositor.temporal import temporal_veto
+
+    T = 8
+    blue = np.full((T, 1, 2), 530, np.uint16)
+    nir = np.full((T, 1, 2), 1280, np.uint16)
+    blue[0], nir[0] = 400, 780  # a shadow
+    blue[7], nir[7] = 5000, 4800  # a thick cloud (sure, not among the unsure)
+    bits = np.full((T, 1, 2), STRICT | LOOSE | LEAST, np.uint8)
+    bits[[0, 1, 2], 0, 0] = STRICT | LOOSE  # pixel 0: least unsure looks 0 (shadow), 1, 2
+    bits[0, 0, 1] = STRICT | LOOSE  # pixel 1: only the shadow
+    wide = np.ones((T, 1, 2), bool)
+    wide[7] = False
+    out = temporal_veto(bits, blue, nir, wide=wide)
+    least = [[t for t in range(T) if not out[t, 0, x] & LEAST] for x in (0, 1)]
+    assert least[0] == [1, 2]
+    assert least[1] == [1, 2, 3, 4, 5, 6]
+    assert ((out & (STRICT | LOOSE)) == (STRICT | LOOSE)).all()  # still no clear look: count 0
+    assert np.array_equal(temporal_veto(bits, blue, nir), bits)
+
+
 def test_temporal_test_ignores_scene_wide_darkening():
     """Half the dates are 30 % darker everywhere (another processing version or season): not
     shadows. A local dark spot in one of them is."""
