@@ -17,6 +17,8 @@ cloud (brighter in blue) or a shadow (darker in NIR) does to it, so (as MAJA and
 4. Looks given back: one dropped only by the dilation within ``RESTORE_DN + RESTORE_REL * ref``
    of the blue reference and not dark; a soft verdict whose look is within that and at least
    ``SOFT_KEEP`` x the pixel's median NIR and blue.
+5. Where the mask leaves no clear look, the fallback's least bad looks are judged the same way
+   against the looks the model is unsure of (``wide``): outliers leave the fallback.
 
 Computed at the mask level (20 m for a 10 m window) with the masks, and cached with them.
 """
@@ -163,21 +165,15 @@ def _check_fallback(
                 out[idx[i], y, x] = 4
         return
     near_b = bref + restore_dn + restore_rel * bref
+    placed = False
     for i in range(nc):
         if keep[i] and b[i] <= near_b and nn[i] >= (1 - nir_drop) * med_n:
             out[idx[i], y, x] = 32
-    for t in range(T):
-        if (bits[t, y, x] & 4) == 0 and out[t, y, x] != 32:
-            # the old least bad looks leave the fallback only if new ones took their place
-            out[t, y, x] = 4 if _any32(out, T, y, x) else 0
-
-
-@njit(cache=True, nogil=True)
-def _any32(out, T, y, x):  # pragma: no cover - compiled
-    for t in range(T):
-        if out[t, y, x] == 32:
-            return True
-    return False
+            placed = True
+    if placed:  # the old least bad looks leave the fallback only if new ones took their place
+        for t in range(T):
+            if (bits[t, y, x] & 4) == 0 and out[t, y, x] != 32:
+                out[t, y, x] = 4
 
 
 @njit(parallel=True, cache=True, nogil=True)
