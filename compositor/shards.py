@@ -17,6 +17,7 @@ the file). Open files are kept (an LRU of descriptors, closed when no read holds
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import stat
@@ -107,6 +108,8 @@ def _open(path: str) -> tuple[int, os.stat_result]:
     except FileNotFoundError:
         raise ShardDamaged("missing") from None
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise  # this process's limit, not the file's fault: never mark the scene damaged
         raise ShardDamaged(f"cannot be opened ({exc.strerror or exc})") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
@@ -189,7 +192,25 @@ def _raise_open_files_limit() -> int:
         return 1024
 
 
-_MAX_OPEN = max(64, _raise_open_files_limit() // 4)  # per reader; the rest for the server
+# Open shards of every reader in the process, least recently used first: half the descriptors
+# this process may hold (the rest for sockets, libraries and the stores' other files).
+_MAX_OPEN = max(64, _raise_open_files_limit() // 2)
+_OPEN: OrderedDict[tuple[str, str], _Open] = OrderedDict()
+_OPEN_LOCK = threading.Lock()
+
+
+def _remember(key: tuple[str, str], opened: _Open) -> None:
+    with _OPEN_LOCK:
+        _OPEN[key] = opened
+        while len(_OPEN) > _MAX_OPEN:
+            _OPEN.popitem(last=False)  # closed once no read holds it
+
+
+def _forget_half() -> None:
+    """Out of descriptors anyway (other files, another cap): let go of the older half."""
+    with _OPEN_LOCK:
+        for _ in range(len(_OPEN) // 2):
+            _OPEN.popitem(last=False)
 
 
 class ShardReader:
@@ -197,8 +218,6 @@ class ShardReader:
 
     def __init__(self, root: Path):
         self._root = str(root)
-        self._open: OrderedDict[str, _Open] = OrderedDict()
-        self._lock = threading.Lock()
 
     def relpath(self, a: ArrayLayout, t: int) -> str:
         return "/".join([f"L{a.level}", a.name, "c", str(t), *["0"] * (len(a.lead) + 2)])
@@ -221,13 +240,18 @@ class ShardReader:
         without a stat. Model masks are (by `clearsky mask`, write + rename): a newer file is
         opened anew."""
         rel = self.relpath(a, t)
-        with self._lock:
-            hit = self._open.get(rel)
+        key = (self._root, rel)
+        with _OPEN_LOCK:
+            hit = _OPEN.get(key)
             if hit is not None:
-                self._open.move_to_end(rel)
+                _OPEN.move_to_end(key)
         if hit is not None and a.name != "cloudprob":
             return hit
-        fd, st = _open(os.path.join(self._root, rel))
+        try:
+            fd, st = _open(os.path.join(self._root, rel))
+        except OSError:  # too many open files: fewer kept, then once more (else the tile fails)
+            _forget_half()
+            fd, st = _open(os.path.join(self._root, rel))
         if hit is not None and (hit.ino, hit.size, hit.mtime_ns) == (
             st.st_ino,
             st.st_size,
@@ -240,10 +264,7 @@ class ShardReader:
         except BaseException:
             os.close(fd)
             raise
-        with self._lock:
-            self._open[rel] = opened
-            while len(self._open) > _MAX_OPEN:
-                self._open.popitem(last=False)  # closed once no read holds it
+        _remember(key, opened)
         return opened
 
     def _get(
@@ -287,8 +308,8 @@ class ShardReader:
         for k in np.flatnonzero(~ok).tolist():
             t = int(indices[k])
             rel = self.relpath(a, t)
-            with self._lock:
-                m = self._open.pop(rel, None)
+            with _OPEN_LOCK:
+                m = _OPEN.pop((self._root, rel), None)
             try:
                 now = os.stat(os.path.join(self._root, rel)).st_size
                 was = f"{m.size} -> " if m is not None else ""

@@ -1,4 +1,6 @@
 import datetime as dt
+import errno
+import os
 
 import numpy as np
 import pytest
@@ -110,6 +112,43 @@ def test_shard_reads_match_zarr_python(tmp_path):
     fast.read(0, (0, 0, 8, 8), idx, ("cloudprob",))
     st.write_cloudprob(2, np.zeros_like(prob))
     assert (fast.read(0, (0, 0, 8, 8), np.array([2]), ("cloudprob",))["cloudprob"] == 0).all()
+
+
+def test_shard_reads_with_few_descriptors_kept(tmp_path, monkeypatch):
+    """The process keeps a bounded number of shards open (least recently used go, closed once
+    no read holds them): reads over more scenes than that stay right, and no scene is marked
+    damaged for it, also when the process runs out of descriptors altogether."""
+    import compositor.shards as shards
+
+    st = _stack(tmp_path, 300, 280)
+    for i in range(6):
+        s, r, c = _scene(i, 280, 300)
+        st.append_scene(s, r, c)
+    slow = Stack.open(st.path)
+    slow._shards = None
+    idx = np.arange(6)
+    want = slow.read(0, (10, 20, 200, 250), idx, ("reflectance", "scl"))
+    monkeypatch.setattr(shards, "_MAX_OPEN", 3)
+    fast = Stack.open(st.path)
+    for _ in range(2):
+        got = fast.read(0, (10, 20, 200, 250), idx, ("reflectance", "scl"))
+        for k in want:
+            assert np.array_equal(got[k], want[k]), k
+    assert len(shards._OPEN) <= 3
+    real_open = os.open
+    calls = {"n": 0}
+
+    def emfile_once(path, flags, *args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, flags, *args)
+
+    shards._OPEN.clear()
+    monkeypatch.setattr(shards.os, "open", emfile_once)
+    got = fast.read(0, (10, 20, 200, 250), idx, ("reflectance",))
+    assert np.array_equal(got["reflectance"], want["reflectance"])
+    assert not fast.damaged
 
 
 def _nan_equal(a, b):
