@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -21,14 +22,21 @@ _M_ARENA_MAX = -8
 _done = False
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, loaded once (find_library runs ldconfig: not per call); None where absent."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def limit_arenas(n: int) -> bool:
     """At most ``n`` malloc arenas (glibc): with freed memory kept, each arena holds on to the
     peak of the threads that used it, so fewer arenas means the process keeps the peak of what
     runs at once, not the sum of every thread's peak. True if applied."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(_M_ARENA_MAX, max(int(n), 1)))
@@ -39,10 +47,8 @@ def retain_freed_memory() -> bool:
     global _done
     if _done:
         return True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         log.info("no glibc mallopt: freed memory goes back to the OS as usual")
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
@@ -74,10 +80,8 @@ def trim_heap(limit_bytes: int) -> bool:
     True if it trimmed."""
     if heap_resident() <= limit_bytes:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        malloc_trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is None:
         return False
     malloc_trim.argtypes = (ctypes.c_size_t,)
     malloc_trim(0)

@@ -164,10 +164,10 @@ class _Open:
     """One shard, open and checked: its descriptor and each inner chunk's byte offset. The
     descriptor is closed when the last reader of it lets go (never under a read in flight)."""
 
-    __slots__ = ("rel", "t", "ino", "size", "mtime_ns", "fd", "offs")
+    __slots__ = ("ino", "size", "mtime_ns", "fd", "offs")
 
-    def __init__(self, rel: str, t: int, fd: int, index: ShardIndex):
-        self.rel, self.t, self.fd = rel, t, fd
+    def __init__(self, fd: int, index: ShardIndex):
+        self.fd = fd
         self.ino, self.size, self.mtime_ns = index.ino, index.size, index.mtime_ns
         self.offs = index.offsets
 
@@ -260,7 +260,7 @@ class ShardReader:
             os.close(fd)
             return hit
         try:
-            opened = _Open(rel, t, fd, read_index(fd, st, a.grid, a.chunk_nbytes))
+            opened = _Open(fd, read_index(fd, st, a.grid, a.chunk_nbytes))
         except BaseException:
             os.close(fd)
             raise

@@ -101,9 +101,93 @@ def _quantile_where(vals, sel, n, q, tmp):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
+def _clear_state(
+    b,
+    n,
+    sb,
+    sn,
+    sft,
+    nc,
+    rounds,
+    blue_dn,
+    blue_rel,
+    nir_drop,
+    blue_drop,
+    ref_keep,
+    keep,
+    ref,
+    lit,
+    tmp,
+):  # pragma: no cover - compiled
+    """Steps 1-2 for one pixel's looks i < nc (b, n: blue and NIR; sb, sn: the same over the
+    look's scene-wide level; sft: soft verdicts): keep[i] = consistent with the clear
+    reference. Returns (blue reference, median relative NIR, median relative blue, whether a
+    round would have kept nothing: then keep is the previous round's)."""
+    for i in range(nc):
+        keep[i] = True
+    bref = 0.0
+    med_n = 0.0
+    med_b = 0.0
+    for _ in range(rounds):
+        # The reference comes from the firm looks (not soft ones, which may be shadows) when
+        # there are enough of them.
+        firm = 0
+        nsoft = 0
+        for i in range(nc):
+            if keep[i]:
+                if sft[i]:
+                    nsoft += 1
+                else:
+                    firm += 1
+        use_all = firm < 3 or nsoft > firm
+        for i in range(nc):
+            ref[i] = keep[i] and (use_all or not sft[i])
+        nref = _quantile_where(n, ref, nc, 0.5, tmp)
+        for i in range(nc):
+            lit[i] = ref[i] and n[i] >= ref_keep * nref
+        bref = _quantile_where(b, lit if lit[:nc].any() else ref, nc, 0.25, tmp)
+        hi_b = bref + blue_dn + blue_rel * bref
+        # The shadow test compares each look relative to its own scene-wide level, so a season
+        # or a processing version that darkens the whole scene is not a shadow.
+        med_n = _quantile_where(sn, ref, nc, 0.5, tmp)
+        lo_n = (1 - nir_drop) * med_n
+        med_b = _quantile_where(sb, ref, nc, 0.5, tmp)
+        lo_b = (1 - blue_drop) * med_b
+        nk = 0
+        for i in range(nc):
+            if b[i] <= hi_b and (sn[i] >= lo_n or sb[i] >= lo_b):
+                nk += 1
+        if nk == 0:
+            return bref, med_n, med_b, True
+        for i in range(nc):
+            keep[i] = b[i] <= hi_b and (sn[i] >= lo_n or sb[i] >= lo_b)
+    return bref, med_n, med_b, False
+
+
+@njit(cache=True, nogil=True)
 def _check_fallback(
-    bits, wide, blue, nir, gain_b, gain_n, nodata, y, x, blue_dn, blue_rel, nir_drop,
-    blue_drop, ref_keep, rounds, restore_dn, restore_rel, tmp, keep, out,
+    bits,
+    wide,
+    blue,
+    nir,
+    gain_b,
+    gain_n,
+    nodata,
+    y,
+    x,
+    blue_dn,
+    blue_rel,
+    nir_drop,
+    blue_drop,
+    ref_keep,
+    rounds,
+    restore_dn,
+    restore_rel,
+    tmp,
+    keep,
+    ref,
+    lit,
+    out,
 ):  # pragma: no cover - compiled
     """A pixel the mask leaves (almost) no clear look: its fallback takes the least bad looks
     (LEAST unset), as the single-scene mask ranks them. Test those against the clear state of
@@ -127,33 +211,13 @@ def _check_fallback(
             nc += 1
     if nc < 3:
         return  # too few to tell an outlier
-    ref = np.ones(nc, np.bool_)
-    lit = np.empty(nc, np.bool_)
-    for i in range(nc):
-        keep[i] = True
-    bref = 0.0
-    med_n = 0.0
-    med_b = 0.0
-    for _ in range(rounds):
-        for i in range(nc):
-            ref[i] = keep[i]
-        nref = _quantile_where(n, ref, nc, 0.5, tmp)
-        for i in range(nc):
-            lit[i] = ref[i] and n[i] >= ref_keep * nref
-        bref = _quantile_where(b, lit if lit[:nc].any() else ref, nc, 0.25, tmp)
-        hi_b = bref + blue_dn + blue_rel * bref
-        med_n = _quantile_where(nn, ref, nc, 0.5, tmp)
-        med_b = _quantile_where(nb, ref, nc, 0.5, tmp)
-        lo_n = (1 - nir_drop) * med_n
-        lo_b = (1 - blue_drop) * med_b
-        nk = 0
-        for i in range(nc):
-            if b[i] <= hi_b and (nn[i] >= lo_n or nb[i] >= lo_b):
-                nk += 1
-        if nk == 0:
-            return
-        for i in range(nc):
-            keep[i] = b[i] <= hi_b and (nn[i] >= lo_n or nb[i] >= lo_b)
+    firm = np.zeros(nc, np.bool_)  # no soft verdicts here
+    bref, med_n, _, emptied = _clear_state(
+        b, n, nb, nn, firm, nc, rounds, blue_dn, blue_rel, nir_drop, blue_drop, ref_keep, keep,
+        ref, lit, tmp,
+    )  # fmt: skip
+    if emptied:
+        return
     left = 0
     for i in range(nc):
         least = (bits[idx[i], y, x] & 4) == 0  # 4 = LEAST set: not among the least bad
@@ -239,47 +303,18 @@ def _veto(
                 if has_wide:
                     _check_fallback(bits, wide, blue, nir, gain_b, gain_n, nodata, y, x,
                                     blue_dn, blue_rel, nir_drop, blue_drop, ref_keep, rounds,
-                                    restore_dn, restore_rel, tmp, keep, out)  # fmt: skip
+                                    restore_dn, restore_rel, tmp, keep, ref, lit,
+                                    out)  # fmt: skip
                 continue  # nothing else to compare against
             b = bb[x]
             n = nn[x]
             nb = sb[x]
             nnn = sn[x]
-            for i in range(nc):
-                keep[i] = True
-            for _ in range(rounds):
-                # The reference comes from the firm looks (not soft ones, which may be
-                # shadows) when there are enough of them.
-                firm = 0
-                nsoft = 0
-                for i in range(nc):
-                    if keep[i]:
-                        if sft[x, i]:
-                            nsoft += 1
-                        else:
-                            firm += 1
-                use_all = firm < 3 or nsoft > firm
-                for i in range(nc):
-                    ref[i] = keep[i] and (use_all or not sft[x, i])
-                nref = _quantile_where(n, ref, nc, 0.5, tmp)
-                for i in range(nc):
-                    lit[i] = ref[i] and n[i] >= ref_keep * nref
-                bref = _quantile_where(b, lit if lit[:nc].any() else ref, nc, 0.25, tmp)
-                hi_b = bref + blue_dn + blue_rel * bref
-                # The shadow test compares each look relative to its own scene-wide level, so a
-                # season or a processing version that darkens the whole scene is not a shadow.
-                med_n = _quantile_where(nnn, ref, nc, 0.5, tmp)
-                lo_n = (1 - nir_drop) * med_n
-                med_b = _quantile_where(nb, ref, nc, 0.5, tmp)
-                lo_b = (1 - blue_drop) * med_b
-                nk = 0
-                for i in range(nc):
-                    if b[i] <= hi_b and (nnn[i] >= lo_n or nb[i] >= lo_b):
-                        nk += 1
-                if nk == 0:
-                    break
-                for i in range(nc):
-                    keep[i] = b[i] <= hi_b and (nnn[i] >= lo_n or nb[i] >= lo_b)
+            bref, med_n, med_b, _ = _clear_state(
+                b, n, nb, nnn, sft[x], nc, rounds, blue_dn, blue_rel, nir_drop, blue_drop,
+                ref_keep, keep, ref, lit, tmp,
+            )  # fmt: skip
+            lo_n = (1 - nir_drop) * med_n
             near_b = bref + restore_dn + restore_rel * bref
             for i in range(nc):
                 if sft[x, i]:

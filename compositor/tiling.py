@@ -212,18 +212,21 @@ def composite_window(
     in flight share RENDER_BUDGET (compositor/memory.py): this one waits for its share."""
     if indices is None:
         indices = stack.complete_indices(params.start, params.end, params.months)
-    f = stack.levels[mask_level(stack, level)].factor // stack.levels[level].factor
+    ml = mask_level(stack, level)
+    f = stack.levels[ml].factor // stack.levels[level].factor  # mask pixel = f x f window pixels
     need = render_bytes(len(indices), window[2], window[3], f)
     t0 = time.perf_counter()
     with RENDER_BUDGET.reserve(need):
         if timings is not None:
             timings["wait"] = timings.get("wait", 0.0) + time.perf_counter() - t0
-        return _composite_window(stack, level, window, params, indices, bands, timings)
+        return _composite_window(stack, level, ml, f, window, params, indices, bands, timings)
 
 
 def _composite_window(
     stack: Stack,
     level: int,
+    ml: int,
+    f: int,
     window: tuple[int, int, int, int],
     params: ViewParams,
     indices: np.ndarray,
@@ -232,8 +235,6 @@ def _composite_window(
 ) -> CompositeResult:
     clock = _Clock(timings)
     band_idx = [stack.bands.index(b) for b in (bands or stack.bands)]
-    ml = mask_level(stack, level)
-    f = stack.levels[ml].factor // stack.levels[level].factor  # mask pixel = f x f window pixels
     method = effective_mask(stack, indices, params.mask)
     dilate = mask_dilation(method, params.dilate)
     dil = math.ceil(dilate / stack.levels[ml].factor) if dilate > 0 else 0

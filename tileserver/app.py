@@ -539,9 +539,6 @@ def create_app(settings: Settings | None = None, warm: bool = True) -> FastAPI:
             "cells": reg.ids(),
             "warnings": list(reg.warnings),
             "renders_pending": q.pending,
-            "render_budget_bytes": RENDER_BUDGET.limit,
-            "render_bytes_in_flight": RENDER_BUDGET.used,
-            "heap_trims": TRIMS["heap"],
         }
 
     static_dir = FsPath(settings.static_dir)
