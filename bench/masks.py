@@ -8,6 +8,14 @@
    shadow, the overcast ones >= 95 % cloud; 29RKH is scored against its SCL. Baselines:
    s2cloudless (13 L1C bands, where the scene has them), SCL (where it exists), and
    --baseline-model (e.g. an earlier model file).
+0b. Broken cumulus over the real evaluation surfaces (never trained on): the simulator's cumulus
+   fields (compositor.masks.cloudsim, fixed seeds) rendered over crops of wright clear and
+   eo-learn 2-4 (not T31TDH: its cirrus band shows a thin cirrus veil over the whole clip),
+   keeping draws with 5-45 % labelled cloud (a fair-weather cumulus scene).
+   Cloud and shadow P/R/F1 against the simulator's exact labels, and "far false cloud": the share
+   of clear pixels more than 300 m from any labelled cloud that the model calls cloud. That last
+   figure does not depend on where the labels put a cloud's faint edge: it says whether clear
+   ground between clouds stays clear (a model that reads a scene with clouds as a deck fails).
 1. Synthetic cell (seed 0, the demo cell; never trained on) against its true cloud and shadow
    masks: precision, recall, F1, IoU of the model and of the SCL, at 20 m (the level the mask
    step writes; truth OR-pooled like the stack pools SCL) and at 10 m (the stored 20 m
@@ -164,6 +172,133 @@ def real_samples_eval(models: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+# (sample, pool factor, patch px): 10 m and 20 m where the sample is large enough.
+# T31TDH is left out: its cirrus band reads 0.02-0.04 everywhere (clear air ~0.001), a thin
+# cirrus veil over the whole clip, which a model may rightly call cloud once clouds are near.
+CUMULUS_CASES = (
+    ("wright-clear", 1, 256),
+    ("wright-clear", 2, 192),
+    ("eolearn-2", 1, 96),
+    ("eolearn-3", 1, 96),
+    ("eolearn-4", 1, 96),
+)
+CUMULUS_DRAWS = 64  # draws per case; those with 5-45 % labelled cloud are scored
+FAR_M = 300.0
+
+
+def cumulus_eval(models: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows per (case, method) and an "all" row per method; see section 0b of the docstring."""
+    import torch
+    from scipy import ndimage
+
+    from compositor.masks import samples
+    from compositor.masks.cloudsim import SkyConfig, render
+    from compositor.masks.predict import classes, cloud_probabilities
+
+    rows: list[dict[str, Any]] = []
+    totals: dict[str, list[Any]] = {m: [np.zeros((3, 3), np.int64), 0, 0] for m in models}
+    for name, f, p in CUMULUS_CASES:
+        try:
+            smp = samples.load(name)
+        except (FileNotFoundError, StopIteration, OSError):
+            continue
+        x = smp.bands if f == 1 else samples.downsample(smp.bands, f)
+        _, h, w = x.shape
+        rng = np.random.default_rng(123)
+        crops = []
+        for _ in range(CUMULUS_DRAWS):
+            r, c = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
+            crops.append(x[:, r : r + p, c : c + p])
+        px = smp.pixel_size * f
+        # L1C samples already hold an atmosphere: only the L2A-like residuals go on top.
+        sky = SkyConfig(
+            clear=0,
+            cumulus=1,
+            stratus=0,
+            overcast=0,
+            thin_deck=0,
+            cirrus=0,
+            mixed=0,
+            cirrus_over=0,
+            nodata=0,
+            l1c=0.0 if smp.level == "L1C" else 0.45,
+        )
+        g = torch.Generator().manual_seed(7)
+        obs, lab = render(torch.from_numpy(np.stack(crops)), torch.full((len(crops),), px), g, sky)
+        obs, lab = obs.numpy(), lab.numpy()
+        keep = [i for i in range(len(crops)) if 0.05 <= (lab[i] == 1).mean() <= 0.45]
+        far = [ndimage.distance_transform_edt(lab[i] != 1) * px > FAR_M for i in keep]
+        for mname, m in models.items():
+            cm = np.zeros((3, 3), np.int64)
+            far_fp = far_n = 0
+            for i, fi in zip(keep, far, strict=True):
+                pred = classes(cloud_probabilities(obs[i], m))
+                cm += confusion(pred, lab[i])
+                clear_far = fi & (lab[i] == 0)
+                far_fp += int((clear_far & (pred == 1)).sum())
+                far_n += int(clear_far.sum())
+            t = totals[mname]
+            t[0] += cm
+            t[1] += far_fp
+            t[2] += far_n
+            rows.append(_cumulus_row(name, smp.level, px, len(keep), mname, cm, far_fp, far_n))
+    for mname, (cm, far_fp, far_n) in totals.items():
+        if cm.sum():
+            rows.append(_cumulus_row("all", "", 0.0, 0, mname, cm, far_fp, far_n))
+    return rows
+
+
+def _cumulus_row(
+    name: str, level: str, px: float, n: int, method: str, cm: np.ndarray, far_fp: int, far_n: int
+) -> dict[str, Any]:
+    sc = scores_from_confusion(cm)
+    return {
+        "sample": name,
+        "level": level,
+        "pixel_m": px,
+        "scenes": n,
+        "method": method,
+        "cloud_share": float(cm[1].sum() / max(cm.sum(), 1)),
+        **{
+            f"{c}_{k}": sc[f"{c}_{k}"]
+            for c in ("cloud", "shadow")
+            for k in ("precision", "recall", "f1")
+        },
+        "far_false_cloud": far_fp / max(far_n, 1),
+    }
+
+
+def print_cumulus(rows: list[dict[str, Any]]) -> None:
+    print(
+        "\nBroken cumulus (5-45 % cover, simulated) over the real evaluation surfaces "
+        "(never trained on), vs exact labels"
+    )
+    print(
+        f"{'sample':13} {'lvl':3} {'px m':>4} {'n':>3} {'method':9} {'cloud':>6} "
+        f"{'cloud P':>7} {'R':>5} {'F1':>5}  {'shad P':>6} {'R':>5} {'F1':>5}  far false cloud"
+    )
+    for r in rows:
+        print(
+            f"{r['sample']:13} {r['level']:3} {r['pixel_m']:>4.0f} {r['scenes']:>3} "
+            f"{r['method']:9} {100 * r['cloud_share']:>5.1f}% "
+            f"{r['cloud_precision']:>7.3f} {r['cloud_recall']:>5.3f} {r['cloud_f1']:>5.3f}  "
+            f"{r['shadow_precision']:>6.3f} {r['shadow_recall']:>5.3f} {r['shadow_f1']:>5.3f}  "
+            f"{100 * r['far_false_cloud']:>6.2f} %"
+        )
+
+
+def cirrus_band(rows_out: dict[str, float] | None = None) -> dict[str, float]:
+    """Median B10 (1375 nm, the cirrus band) of every evaluation sample that has it: clear air
+    reads ~0.001 there, Sen2Cor flags thin cirrus above ~0.012."""
+    from compositor.masks import samples
+
+    out = rows_out if rows_out is not None else {}
+    for smp in samples.evaluation_samples():
+        if smp.l1c13 is not None:
+            out[smp.name] = float(np.nanmedian(smp.l1c13[samples.L1C_13.index("B10")]))
+    return out
+
+
 def print_real(rows: list[dict[str, Any]]) -> None:
     print("\nReal samples, never trained on: share of valid pixels called cloud / shadow")
     print(
@@ -318,6 +453,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = real_samples_eval(models)
     result["real_samples"] = rows
     print_real(rows)
+    b10 = cirrus_band()
+    result["cirrus_band_median"] = b10
+    print(
+        "Cirrus band (B10) median reflectance, clear air ~0.001, thin cirrus > ~0.012: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in b10.items())
+    )
+    cu = cumulus_eval(models)
+    result["cumulus_over_real"] = cu
+    print_cumulus(cu)
     if args.only_real:
         if args.json:
             print(json.dumps(result, default=float))

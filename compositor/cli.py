@@ -498,6 +498,10 @@ def train(
     sky: Annotated[
         str, typer.Option(help="Sky scenario weights as JSON, e.g. '{\"overcast\": 0.2}'")
     ] = "",
+    init: Annotated[
+        Path | None,
+        typer.Option(help="Fine-tune: start from this model (.safetensors) instead of scratch"),
+    ] = None,
 ) -> None:
     """Train the cloud/shadow SegFormer: clear surfaces under simulated skies (exact labels) and
     labelled scenes (SCL, or a synthetic cell's truth)."""
@@ -532,6 +536,8 @@ def train(
             raise BadInput(f"{p} is not a stack (no zarr.json)")
     if real_npz is not None:
         real_npz = cliargs.existing_file(real_npz, "--real-npz")
+    if init is not None:
+        init = cliargs.existing_file(init, "--init")
     from compositor.masks.samples import shared_data_dir
 
     root = shared_data_dir()
@@ -550,6 +556,13 @@ def train(
     if workdir is not None:
         workdir = cliargs.writable_dir(workdir, "--workdir")
     _need_masks("`clearsky train`")
+    if init is not None:
+        from compositor.masks.model import MaskModelError, load_model
+
+        try:
+            load_model(init)
+        except MaskModelError as exc:
+            raise BadInput(f"--init: {exc}") from None
     if device == "cuda":
         import torch
 
@@ -579,6 +592,7 @@ def train(
             seed=seed,
             segformer=json_opts["--segformer"],
             sky=json_opts["--sky"],
+            init=str(init) if init else "",
         )
     except (ValueError, TypeError) as exc:
         raise BadInput(str(exc)) from None

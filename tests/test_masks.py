@@ -213,6 +213,29 @@ def test_cloudsim_renders_physical_skies_with_exact_labels():
     assert gain[0] > gain[2] and gain[0] > 0.02
 
 
+def test_cloud_labels_stop_where_the_cloud_does():
+    """Clear ground next to a thick cumulus is clear: the ~150 m neighbourhood only lends the cloud
+    class to faint rims and troughs that carry some cloud (labels that grew every cloud by ~250 m
+    taught the model to call the ground of a broken cumulus field cloud)."""
+    from compositor.masks.cloudsim import TWO_STREAM_A, cloud_labels
+
+    yy, xx = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    r = torch.hypot(yy - 64, xx - 64)
+    tau = (20.0 * (24 - r).clamp(0, 4) / 4).unsqueeze(0)  # a 240 m cumulus, 40 m soft rim
+    tau[0, 62:66, 0:8] = 0.3  # a faint wisp 320-400 m off its edge: too far to borrow from it
+    trough = tau.clone()
+    trough[0, 63:66, 50:78] = 0.3  # a thin trough across the cloud: part of it
+    for t in (tau, trough):
+        rc = TWO_STREAM_A * t / (TWO_STREAM_A * t + 2)
+        lab = cloud_labels(rc, t, torch.tensor([10.0]))[0]
+        assert not lab[(r > 24) & (t[0] == 0)].any()  # no halo over clear ground
+        assert lab[r < 20].all()
+    rc = TWO_STREAM_A * tau / (TWO_STREAM_A * tau + 2)
+    assert not cloud_labels(rc, tau, torch.tensor([10.0]))[0, 62:66, 0:8].any()
+    rc = TWO_STREAM_A * trough / (TWO_STREAM_A * trough + 2)
+    assert cloud_labels(rc, trough, torch.tensor([10.0]))[0, 63:66, 50:78].all()
+
+
 def test_training_loss_drops(bank, one_thread):
     from compositor.masks.cloudsim import SkyConfig
     from compositor.masks.train import Sampler, loss_fn, make_batch
@@ -259,6 +282,27 @@ def test_training_resumes_bit_for_bit(bank, tmp_path: Path, one_thread):
     resumed = train(bank, _cfg(10), checkpoint=ckpt, resume=True, progress=False).model
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_fine_tuning_starts_from_the_given_model(bank, tmp_path: Path, one_thread):
+    base = train(bank, _cfg(4), progress=False).model
+    path = save_model(base, tmp_path / "base.safetensors")
+    cfg = _cfg(2)
+    cfg.init = str(path)
+    res = train(bank, cfg, progress=False)
+    assert res.model.meta["fine_tuned_from"]["sha256"] == load_model(path).source["sha256"]
+    # Started from the base (its normalisation kept), not from a fresh initialisation.
+    assert torch.equal(res.model.mean, base.mean)
+    drift = [
+        float((a - b).abs().max())
+        for a, b in zip(res.model.state_dict().values(), base.state_dict().values(), strict=True)
+    ]
+    fresh = build_model(seed=cfg.seed, features=cfg.features)
+    far = [
+        float((a - b).abs().max())
+        for a, b in zip(fresh.state_dict().values(), base.state_dict().values(), strict=True)
+    ]
+    assert max(drift) < max(far)
 
 
 def test_predict_constants_match_the_stack():

@@ -18,8 +18,9 @@ the real one, not one landscape's. Physics, per band b (B02, B03, B04, B08):
   transmittance), and smooth haze. Haze is *clear*: it is spatially smooth, clouds are not.
 - Sensor: blur (MTF), noise, gaps of no data (label ignore).
 
-Labels: cloud where its optical thickness (taken over ~150 m) is >= 0.8, so that it washes out the
-ground's detail, or it adds >= 0.06 reflectance; shadow where the ground gets less than 60 % of
+Labels: cloud where its optical thickness is >= 0.8, so that it washes out the ground's detail, or
+it adds >= 0.06 reflectance, and its faint rims and troughs (thickness >= 0.25) where the cloud
+around them is thick over ~150 m; shadow where the ground gets less than 60 % of
 its light (NIR) and no cloud is seen; else clear.
 Everything is batched torch and runs on CPU or GPU, deterministic for a given generator.
 """
@@ -40,6 +41,7 @@ WAVELENGTH_UM = (0.492, 0.560, 0.665, 0.833)  # B02, B03, B04, B08 centres
 # where it is bright (>= 0.06 added); a faint veil over a sharp surface is haze, not cloud.
 CLOUD_LABEL_TAU = 0.8
 CLOUD_LABEL_REFLECTANCE = 0.06
+CLOUD_LABEL_RIM_TAU = 0.25  # a rim or trough this thick still shows (adds ~0.02, blurs detail)
 SHADOW_LABEL_LIGHT = 0.6  # shadow where the ground gets less than this of its light (NIR)
 TWO_STREAM_A = 0.14  # 1 - asymmetry factor g (water cloud, g ~ 0.86)
 
@@ -55,6 +57,7 @@ class SkyConfig:
     thin_deck: float = 0.12  # fog / thin stratus over the whole patch, surface seen through
     cirrus: float = 0.1
     mixed: float = 0.12
+    cirrus_over: float = 0.1  # share of the other cloudy patches that get cirrus as well
     l1c: float = 0.45  # share of patches given an L1C-like (top-of-atmosphere) atmosphere
     haze: float = 0.15  # share given extra smooth haze
     nodata: float = 0.08  # share with a no-data gap
@@ -144,6 +147,23 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.view(n, c, h, w)
 
 
+def cloud_labels(
+    rc_blue: torch.Tensor, tau: torch.Tensor, pixel_size: torch.Tensor
+) -> torch.Tensor:
+    """Where (n, H, W) is cloud: it clearly shows (``rc_blue``, the reflectance it adds in blue),
+    or it is optically thick (``tau``); the thin troughs inside a deck and a cloud's faint rim
+    count where the cloud around them is thick over ~150 m, as an analyst outlines it, but only
+    where some cloud is there. (A blurred thickness alone put clear ground up to ~250 m around
+    every thick cumulus in the cloud class, and the model taught that called all the ground of
+    a broken cumulus field cloud.)"""
+    tau_near = _fft_blur(tau, (150.0 / pixel_size).clamp(min=0.3))
+    return (
+        (rc_blue >= CLOUD_LABEL_REFLECTANCE)
+        | (tau >= CLOUD_LABEL_TAU)
+        | ((tau_near >= CLOUD_LABEL_TAU) & (tau >= CLOUD_LABEL_RIM_TAU))
+    )
+
+
 def render(
     surface: torch.Tensor,
     pixel_size: torch.Tensor,
@@ -180,7 +200,9 @@ def render(
     is_ov = kind == 3
     is_thin = kind == 4
     has_ci = (
-        (kind == 5) | (kind == 6) | ((kind != 0) & (torch.rand(n, generator=g, device=dev) < 0.1))
+        (kind == 5)
+        | (kind == 6)
+        | ((kind != 0) & (torch.rand(n, generator=g, device=dev) < cfg.cirrus_over))
     )
     if clouds is None:
         clouds = torch.ones(n, dtype=torch.bool, device=dev)
@@ -312,10 +334,7 @@ def render(
     obs = rcs + tr * tr * seen / (1 - rcs * ground).clamp(min=0.05)
 
     # --- labels (before atmosphere and sensor: they are properties of the scene)
-    # Cloud where it clearly shows, or where it is optically thick: taken over ~150 m, so the
-    # thin troughs inside a deck and the narrowest gaps are cloud, as an analyst outlines it.
-    tau_lab = torch.maximum(tau, _fft_blur(tau, (150.0 / px).clamp(min=0.3)))
-    is_cloud = (rcs[:, 0] >= CLOUD_LABEL_REFLECTANCE) | (tau_lab >= CLOUD_LABEL_TAU)
+    is_cloud = cloud_labels(rcs[:, 0], tau, px)
     is_shadow = (irr[:, -1] < SHADOW_LABEL_LIGHT) & ~is_cloud
     labels = torch.full((n, p, p), CLEAR, dtype=torch.int64, device=dev)
     labels[is_shadow] = SHADOW
@@ -374,4 +393,13 @@ def render(
     return x.float(), labels
 
 
-__all__ = ["SkyConfig", "render", "fractal_noise", "CLEAR", "CLOUD", "SHADOW", "IGNORE"]
+__all__ = [
+    "SkyConfig",
+    "render",
+    "cloud_labels",
+    "fractal_noise",
+    "CLEAR",
+    "CLOUD",
+    "SHADOW",
+    "IGNORE",
+]

@@ -75,6 +75,8 @@ class TrainConfig:
     features: str = "linear+log"
     segformer: dict[str, Any] = field(default_factory=dict)  # overrides of DEFAULT_SEGFORMER
     sky: dict[str, float] = field(default_factory=dict)  # overrides of cloudsim.SkyConfig
+    # Fine-tune: start from this model file's weights, normalisation, features and config.
+    init: str = ""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -529,9 +531,18 @@ def train(
         np.round(cw, 3).tolist(),
     )
 
-    model = build_model(cfg.segformer, mean=mean, std=std, seed=cfg.seed, features=cfg.features).to(
-        dev
-    )
+    if cfg.init:
+        from compositor.masks.model import load_model
+
+        model = load_model(cfg.init, device=dev).train()
+        init_from = {"path": cfg.init, "sha256": model.source.get("sha256", "")}
+        model.source = {}  # a new model: its tag is its own weights' hash
+        cfg.features, cfg.segformer = model.features, model.segformer_config()
+    else:
+        init_from = None
+        model = build_model(
+            cfg.segformer, mean=mean, std=std, seed=cfg.seed, features=cfg.features
+        ).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     rng = np.random.default_rng(cfg.seed)
@@ -635,6 +646,8 @@ def train(
         "class_weights": [round(float(v), 4) for v in cw],
         "validation": {k: {m: round(x, 4) for m, x in v.items()} for k, v in val.items()},
     }
+    if init_from:
+        model.meta["fine_tuned_from"] = init_from
     return TrainResult(
         model=model.cpu(), history=history, seconds=seconds, steps=cfg.steps, val=val
     )
